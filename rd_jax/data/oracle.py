@@ -1,0 +1,234 @@
+"""The ShapesWorld oracle: judges an image or video against its Spec, from pixels.
+
+This is rd_jax's GenEval. It uses no learned model, so it is independent of
+every reward model and generator: "reward up, oracle down" is reward hacking.
+
+How it sees (all at 64x64; other sizes are resized first):
+  1. Smooth with a small Gaussian (robust to generator noise).
+  2. Background = per-channel median of the image; foreground = pixels far
+     from it in RGB (works on any plain background, incl. the OOD tint).
+  3. Connected foreground components above a minimum area are objects.
+  4. Colour = palette colour nearest in hue to the component's mean colour
+     (weighted by how far each pixel is from the background).
+     Shape = the circle, square or triangle template (centred on the
+     component, with its area) closest to the component's soft mask.
+  5. The category's rule compares detected objects to the spec: exact object
+     counts (extra objects fail), shapes, colours, relative position of
+     centroids, and for videos per-object tracks (direction, speed).
+"""
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from rd_jax.data import world
+
+CANON = 64
+SMOOTH_SIGMA = 0.7
+FG_DISTANCE = 60.0     # RGB distance from the background that counts as ink
+MIN_AREA = 14          # px at 64x64; smaller components are specks
+MIN_OFFSET = 4.0       # px a position relation must hold by
+MIN_SPEED = 0.7        # px/frame for "moving"
+FAST_SPEED = 2.5       # px/frame between "slowly" (1.5) and "quickly" (3.5)
+TEMPLATE_BLURS = (0.0, 0.8, 1.4)
+TRACK_FRACTION = 0.75  # share of frames an object must be seen in
+
+_HUES = {name: colorsys.rgb_to_hsv(*(np.array(rgb) / 255.0))[0] * 360
+         for name, rgb in world.COLORS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+  shape: str
+  color: str
+  x: float
+  y: float
+  area: int
+
+
+def _canon(img: np.ndarray) -> np.ndarray:
+  """float32 [64,64,3] from uint8/float image of any size."""
+  img = np.asarray(img)
+  if img.dtype != np.uint8:
+    img = np.clip(np.round(np.asarray(img, np.float32)), 0, 255).astype(
+        np.uint8)
+  if img.shape[:2] != (CANON, CANON):
+    img = np.asarray(Image.fromarray(img).resize((CANON, CANON),
+                                                 Image.BILINEAR))
+  return img.astype(np.float32)
+
+
+def _hue_name(rgb: np.ndarray) -> str:
+  h = colorsys.rgb_to_hsv(*(np.clip(rgb, 0, 255) / 255.0))[0] * 360
+  return min(_HUES, key=lambda n: min(abs(h - _HUES[n]), 360 - abs(h - _HUES[n])))
+
+
+# radius r at which each shape has unit area (world._mask geometry)
+_UNIT_R = {"circle": 1 / np.sqrt(np.pi), "square": 1 / 1.8,
+           "triangle": 1 / (1.25 * np.sqrt(3 * np.sqrt(3) / 4))}
+
+
+def _shape_of(soft: np.ndarray) -> str:
+  """The shape whose area-matched template best explains a soft mask.
+
+  `soft` [64,64] in [0,1] is how much each pixel looks like the object. Each
+  template is centred on the mask's centroid with the mask's area, blurred by
+  each of TEMPLATE_BLURS (samples from a generator are soft-edged), and the
+  smallest L1 difference wins: it uses every pixel, so it degrades
+  gracefully under blur and noise.
+  """
+  area = soft.sum()
+  ys, xs = np.indices(soft.shape) + 0.5
+  cx, cy = (soft * xs).sum() / area, (soft * ys).sum() / area
+  # a 32x32 window around the object (objects are < 28 px across)
+  x0 = int(np.clip(round(cx) - 16, 0, soft.shape[1] - 32))
+  y0 = int(np.clip(round(cy) - 16, 0, soft.shape[0] - 32))
+  window = soft[y0:y0 + 32, x0:x0 + 32]
+  errors = {}
+  for shape, unit in _UNIT_R.items():
+    t = world._mask(shape, cx - x0, cy - y0, unit * np.sqrt(area), 32)  # pylint: disable=protected-access
+    errors[shape] = min(np.abs(ndimage.gaussian_filter(t, b) - window).sum()
+                        for b in TEMPLATE_BLURS)
+  return min(errors, key=errors.get)
+
+
+def detect(img: np.ndarray) -> list[Detection]:
+  """Objects in one image (uint8 [H,W,3])."""
+  x = ndimage.gaussian_filter(_canon(img), (SMOOTH_SIGMA, SMOOTH_SIGMA, 0))
+  background = np.median(x.reshape(-1, 3), 0)
+  dist = np.linalg.norm(x - background, axis=-1)
+  labels, n = ndimage.label(dist > FG_DISTANCE, structure=np.ones((3, 3)))
+  out = []
+  for i in range(1, n + 1):
+    mask = labels == i
+    area = int(mask.sum())
+    if area < MIN_AREA:
+      continue
+    w = dist[mask][:, None]
+    mean = (x[mask] * w).sum(0) / w.sum()
+    ys, xs = np.nonzero(mask)
+    # soft mask: the object's own contrast sets the scale, whatever its colour
+    near = ndimage.binary_dilation(mask, iterations=2)
+    soft = np.where(near, np.clip(dist / np.percentile(dist[mask], 90), 0, 1),
+                    0.0)
+    out.append(Detection(_shape_of(soft), _hue_name(mean),
+                         float(xs.mean()), float(ys.mean()), area))
+  return out
+
+
+# ------------------------------------------------------------------ rules
+
+def _expected(spec: world.Spec) -> list[tuple[str, str | None]]:
+  return [(o.shape, o.color) for o in spec.objects for _ in range(o.count)]
+
+
+def _match(dets: Sequence[Detection], spec: world.Spec) -> str | None:
+  """None if the detections are exactly the spec's objects, else why not."""
+  want = _expected(spec)
+  if len(dets) != len(want):
+    return f"found {len(dets)} objects, expected {len(want)}"
+  pool = list(dets)
+  # named colours first, so unnamed ones cannot steal their detections
+  for shape, color in sorted(want, key=lambda w: w[1] is None):
+    hit = next((d for d in pool if d.shape == shape and
+                (color is None or d.color == color)), None)
+    if hit is None:
+      return f"no {color or ''} {shape}".replace("  ", " ")
+    pool.remove(hit)
+  return None
+
+
+def _relation(dets: Sequence[Detection], spec: world.Spec) -> str | None:
+  a = next(d for d in dets if d.shape == spec.objects[0].shape)
+  b = next(d for d in dets if d.shape == spec.objects[1].shape)
+  dx, dy = b.x - a.x, b.y - a.y
+  need = {"left of": dx, "right of": -dx, "above": dy,
+          "below": -dy}[spec.relation]
+  other = abs(dy) if spec.relation in ("left of", "right of") else abs(dx)
+  if need < MIN_OFFSET or need < 0.5 * other:
+    return f"{a.shape} is not {spec.relation} {b.shape}"
+  return None
+
+
+def judge_image(img: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
+  dets = detect(img)
+  why = _match(dets, spec)
+  if why is None and spec.relation:
+    why = _relation(dets, spec)
+  return why is None, why or "ok"
+
+
+def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
+  """Every object present, right shape and colour, moving as asked."""
+  frames = [detect(f) for f in video]
+  t_n = len(frames)
+  need = int(np.ceil(TRACK_FRACTION * t_n))
+  good_count = sum(len(d) == len(spec.objects) for d in frames)
+  if good_count < need:
+    return False, f"wrong number of objects in {t_n - good_count} frames"
+  for o in spec.objects:
+    track, shapes, prev = [], [], None
+    for t, dets in enumerate(frames):
+      cands = [d for d in dets if d.color == o.color]
+      if not cands:
+        continue
+      d = cands[0] if prev is None else min(
+          cands, key=lambda c: (c.x - prev.x) ** 2 + (c.y - prev.y) ** 2)
+      track.append((t, d.x, d.y))
+      shapes.append(d.shape)
+      prev = d
+    if len(track) < need:
+      return False, f"no {o.color} object in most frames"
+    if max(set(shapes), key=shapes.count) != o.shape:
+      return False, f"the {o.color} object is not a {o.shape}"
+    t, xs, ys = (np.array(v, np.float64) for v in zip(*track))
+    vx, vy = np.polyfit(t, xs, 1)[0], np.polyfit(t, ys, 1)[0]
+    ux, uy = world._VEL[o.direction]  # pylint: disable=protected-access
+    along = vx * ux + vy * uy
+    across = abs(vx * uy) + abs(vy * ux)
+    if along < MIN_SPEED or across > 0.5 * along:
+      return False, f"the {o.shape} does not move {o.direction}"
+    if (along >= FAST_SPEED) != (o.speed == "quickly"):
+      return False, f"the {o.shape} does not move {o.speed}"
+  return True, "ok"
+
+
+def judge(sample: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
+  """(correct, reason) for an image [H,W,3] or a video [T,H,W,3]."""
+  sample = np.asarray(sample)
+  if sample.ndim == 4:
+    if not spec.is_video:
+      raise ValueError(f"got a video for the image spec {world.prompt(spec)!r}")
+    return judge_video(sample, spec)
+  if sample.ndim != 3:
+    raise ValueError(f"expected [H,W,3] or [T,H,W,3], got {sample.shape}")
+  if spec.is_video:
+    raise ValueError(f"got an image for the video spec {world.prompt(spec)!r}")
+  return judge_image(sample, spec)
+
+
+def score(sample: np.ndarray, spec: world.Spec) -> bool:
+  return judge(sample, spec)[0]
+
+
+def score_batch(samples: Sequence[np.ndarray] | np.ndarray,
+                specs: Sequence[world.Spec]) -> np.ndarray:
+  """bool [B]: the oracle's verdict for each (sample, spec)."""
+  if len(samples) != len(specs):
+    raise ValueError(f"{len(samples)} samples for {len(specs)} specs")
+  return np.array([score(s, p) for s, p in zip(samples, specs)], bool)
+
+
+def by_category(correct: Sequence[bool], specs: Sequence[world.Spec]
+                ) -> dict[str, float]:
+  """Mean correctness per category, plus `overall`."""
+  correct = np.asarray(correct, np.float64)
+  cats = np.array([s.category for s in specs])
+  out = {c: float(correct[cats == c].mean()) for c in dict.fromkeys(cats)}
+  out["overall"] = float(correct.mean()) if len(correct) else float("nan")
+  return out
