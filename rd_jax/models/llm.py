@@ -1,0 +1,294 @@
+"""Llama-family decoder LLM (the language half of InternVL), Flax NNX.
+
+Covers what the InternVL2.5 LLMs need in their Hugging Face form: Qwen2 /
+Qwen2.5 (QKV bias, GQA, tied or untied embeddings) and InternLM2 / Llama
+(optional bias on every attention projection and on the MLP). RMSNorm,
+SwiGLU, RoPE (rotate-half layout, as in HF) with `default`, `linear` and
+`dynamic` (NTK) scaling.
+
+Einsum dimension letters (used in this file and in vit.py):
+  B batch, T query tokens, S key tokens, D model width, N query heads,
+  K key/value heads, G query heads per kv head (N = K*G), H head dim,
+  F MLP width, V vocabulary.
+
+The decoder layers are one `DecoderLayer` vmapped at init (params carry a
+leading `layers` axis) and run with `jax.lax.scan` under a remat policy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from rd_jax import sharding
+
+_INIT_STD = 0.02  # HF initializer_range; real weights come from the converter.
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
+  return _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+
+
+def zeros(shape, dtype) -> jax.Array:
+  return jnp.zeros(shape, dtype)
+
+
+def ones(shape, dtype) -> jax.Array:
+  return jnp.ones(shape, dtype)
+
+
+def cast(p: nnx.Param, dtype) -> jax.Array:
+  return p[...].astype(dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """HF RMSNorm: normalise in fp32, cast back, then scale ([..., D] -> same)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+           mask: jax.Array | None) -> jax.Array:
+  """Softmax attention with grouped kv heads.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] (True = attend) or
+  None. Query head n uses kv head n // G, as HF's `repeat_kv`. Softmax in
+  fp32. Returns [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k,
+                      preferred_element_type=jnp.float32) * h ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None], logits,
+                       jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def scan_layers(stack: nnx.Module, x: jax.Array, remat: str,
+                *args: Any) -> jax.Array:
+  """Runs vmapped layers `stack` ([layers, ...] params) over x with scan.
+
+  Each step merges one layer's slice of the params back into the layer
+  module and calls `layer(x, *args)`; `remat` names a REMAT_POLICIES entry.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; "
+                     f"use one of {sorted(REMAT_POLICIES)}")
+  graphdef, state = nnx.split(stack)
+
+  def body(carry, layer_state):
+    return nnx.merge(graphdef, layer_state)(carry, *args), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat],
+                          prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, state)
+  return x
+
+
+def rope_inv_freq(cfg: ml_collections.ConfigDict,
+                  positions: jax.Array) -> jax.Array:
+  """Inverse RoPE frequencies [H/2] (or [B, H/2] for `dynamic`).
+
+  `dynamic` (NTK) follows HF: the base grows only when the longest sequence
+  (max position + 1) exceeds `max_position_embeddings`; below that it is
+  exactly the default rope.
+  """
+  dim = cfg.head_dim
+  exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  if cfg.rope_type in ("default", "linear"):
+    return 1.0 / (cfg.rope_theta ** exponent)
+  if cfg.rope_type == "dynamic":
+    seq = jnp.max(positions).astype(jnp.float32) + 1.0
+    grown = cfg.rope_theta * (
+        cfg.rope_factor * seq / cfg.max_position_embeddings
+        - (cfg.rope_factor - 1)) ** (dim / (dim - 2))
+    base = jnp.where(seq > cfg.max_position_embeddings, grown,
+                     cfg.rope_theta)
+    return 1.0 / (base ** exponent)
+  raise ValueError(f"rope_type {cfg.rope_type!r} is not supported; use "
+                   "'default', 'linear' or 'dynamic'")
+
+
+def rope_tables(cfg: ml_collections.ConfigDict, positions: jax.Array,
+                dtype) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H] for integer positions [B, T] (HF rotate-half layout)."""
+  pos = positions.astype(jnp.float32)
+  if cfg.rope_type == "linear":
+    pos = pos / cfg.rope_factor
+  freqs = pos[..., None] * rope_inv_freq(cfg, positions)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [B, T, N, H]; cos, sin: [B, T, H]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nnx.Module):
+  """Causal GQA self-attention with RoPE and optional biases."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = param_dtype
+    self.dtype = dtype
+    self.q = sharding.param(normal(rngs, (d, n, h), pd),
+                            ("embed", "heads", "head_dim"))
+    self.k = sharding.param(normal(rngs, (d, kv, h), pd),
+                            ("embed", "kv_heads", "head_dim"))
+    self.v = sharding.param(normal(rngs, (d, kv, h), pd),
+                            ("embed", "kv_heads", "head_dim"))
+    self.o = sharding.param(normal(rngs, (n, h, d), pd),
+                            ("heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      self.q_bias = sharding.param(zeros((n, h), pd), ("heads", "head_dim"))
+      self.k_bias = sharding.param(zeros((kv, h), pd), ("kv_heads", "head_dim"))
+      self.v_bias = sharding.param(zeros((kv, h), pd), ("kv_heads", "head_dim"))
+    if cfg.o_bias:
+      self.o_bias = sharding.param(zeros((d,), pd), ("embed",))
+
+  def __call__(self, x, cos, sin, mask):
+    """x: [B, T, D] -> [B, T, D]."""
+    dt = self.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, cast(self.q, dt))
+    k = jnp.einsum("bsd,dkh->bskh", x, cast(self.k, dt))
+    v = jnp.einsum("bsd,dkh->bskh", x, cast(self.v, dt))
+    if hasattr(self, "q_bias"):
+      q = q + cast(self.q_bias, dt)
+      k = k + cast(self.k_bias, dt)
+      v = v + cast(self.v_bias, dt)
+    q = sharding.shard_activation(apply_rope(q, cos, sin),
+                                  ("act_batch", "act_len", "act_heads", None))
+    k = apply_rope(k, cos, sin)
+    out = jnp.einsum("btnh,nhd->btd", attend(q, k, v, mask), cast(self.o, dt))
+    if hasattr(self, "o_bias"):
+      out = out + cast(self.o_bias, dt)
+    return out
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.mlp_dim, param_dtype
+    self.dtype = dtype
+    self.gate = sharding.param(normal(rngs, (d, f), pd), ("embed", "mlp"))
+    self.up = sharding.param(normal(rngs, (d, f), pd), ("embed", "mlp"))
+    self.down = sharding.param(normal(rngs, (f, d), pd), ("mlp", "embed"))
+    if cfg.mlp_bias:
+      self.gate_bias = sharding.param(zeros((f,), pd), ("mlp",))
+      self.up_bias = sharding.param(zeros((f,), pd), ("mlp",))
+      self.down_bias = sharding.param(zeros((d,), pd), ("embed",))
+
+  def __call__(self, x):
+    """x: [B, T, D] -> [B, T, D]."""
+    dt = self.dtype
+    gate = jnp.einsum("btd,df->btf", x, cast(self.gate, dt))
+    up = jnp.einsum("btd,df->btf", x, cast(self.up, dt))
+    if hasattr(self, "gate_bias"):
+      gate, up = gate + cast(self.gate_bias, dt), up + cast(self.up_bias, dt)
+    hidden = sharding.shard_activation(jax.nn.silu(gate) * up,
+                                       ("act_batch", "act_len", "act_mlp"))
+    out = jnp.einsum("btf,fd->btd", hidden, cast(self.down, dt))
+    if hasattr(self, "down_bias"):
+      out = out + cast(self.down_bias, dt)
+    return out
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  def __init__(self, cfg, dtype, param_dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.eps = cfg.norm_eps
+    self.attn_norm = sharding.param(ones((d,), param_dtype), ("norm",))
+    self.attn = Attention(cfg, dtype, param_dtype, rngs)
+    self.mlp_norm = sharding.param(ones((d,), param_dtype), ("norm",))
+    self.mlp = MLP(cfg, dtype, param_dtype, rngs)
+
+  def __call__(self, x, cos, sin, mask):
+    x = x + self.attn(rms_norm(x, self.attn_norm[...], self.eps), cos, sin, mask)
+    x = x + self.mlp(rms_norm(x, self.mlp_norm[...], self.eps))
+    return sharding.shard_activation(x, ("act_batch", "act_len", "act_embed"))
+
+
+class Decoder(nnx.Module):
+  """Token embedding, scanned decoder layers, final RMSNorm, LM head.
+
+  cfg: the `text` sub-config (keys: `internvl.text_config`).
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype,
+               remat: str, rngs: nnx.Rngs):
+    self.cfg_rope = ml_collections.FrozenConfigDict({
+        k: cfg[k] for k in ("head_dim", "rope_theta", "rope_type",
+                            "rope_factor", "max_position_embeddings")})
+    self.dtype, self.remat, self.eps = dtype, remat, cfg.norm_eps
+    self.tie_embeddings = cfg.tie_embeddings
+    d, v = cfg.hidden_size, cfg.vocab_size
+    self.embed = sharding.param(normal(rngs, (v, d), param_dtype),
+                                ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+      return DecoderLayer(cfg, dtype, param_dtype, rngs)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = sharding.param(ones((d,), param_dtype), ("norm",))
+    if not cfg.tie_embeddings:
+      self.lm_head = sharding.param(normal(rngs, (d, v), param_dtype),
+                                    ("embed", "vocab"))
+
+  def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] int -> [B, L, D] in the compute dtype."""
+    return jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+
+  def __call__(self, embeds: jax.Array, attention_mask: jax.Array | None,
+               positions: jax.Array | None) -> jax.Array:
+    """Input embeddings [B, L, D] -> final-norm hidden states [B, L, D].
+
+    attention_mask: [B, L], 1 for real tokens (keys with 0 are never
+    attended); positions: [B, L] RoPE positions, default 0..L-1 (as HF
+    when no position_ids are given).
+    """
+    b, length, _ = embeds.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+    mask = jnp.tril(jnp.ones((length, length), bool))[None]
+    if attention_mask is not None:
+      mask = mask & attention_mask.astype(bool)[:, None, :]
+    mask = jnp.broadcast_to(mask, (b, length, length))
+    cos, sin = rope_tables(self.cfg_rope, positions, self.dtype)
+    x = sharding.shard_activation(embeds.astype(self.dtype),
+                                  ("act_batch", "act_len", "act_embed"))
+    x = scan_layers(self.layers, x, self.remat, cos, sin, mask)
+    return rms_norm(x, self.final_norm[...], self.eps)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, P, D] -> [B, P, V] (fp32 accumulation)."""
+    if self.tie_embeddings:
+      return jnp.einsum("bpd,vd->bpv", hidden, cast(self.embed, self.dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("bpd,dv->bpv", hidden, cast(self.lm_head, self.dtype),
+                      preferred_element_type=jnp.float32)
