@@ -1,0 +1,100 @@
+"""The text-to-image/video generator: text encoder + MMDiT (+ VAE), pure API.
+
+Parameters are one plain dict {'text': ..., 'dit': ...}. Samples live in
+"model space": pixels scaled to [-1, 1] (`space='pixel'`, the ShapesWorld
+default) or VAE latents (`space='latent'`; real sizes, where the text
+encoders are external and `encode_text` is replaced by precomputed T5/CLIP
+embeddings packed into a `TextCond`).
+
+    params = generator.init(cfg, rng)
+    cond = generator.encode_text(cfg, params, ids, mask)
+    v = generator.velocity(cfg, params, x_t, t, cond)
+    x0, x0_traj = flow.sample(params, noise, cond, schedule,
+                              velocity_fn=generator.velocity_fn(cfg))
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rd_jax.models import mmdit, text_encoder
+from rd_jax.models.text_encoder import TextCond
+
+
+def init(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  """{'dit': ..., 'text': ...}; no 'text' when the encoders are external
+  (`cfg.text` is None)."""
+  k_text, k_dit = jax.random.split(rng)
+  out = {"dit": mmdit.init(cfg.dit, k_dit)}
+  if cfg.text is not None:
+    out["text"] = text_encoder.init(cfg.text, k_text)
+  return out
+
+
+def logical_specs(cfg: ml_collections.ConfigDict) -> dict:
+  out = {"dit": mmdit.logical_specs(cfg.dit)}
+  if cfg.text is not None:
+    out["text"] = text_encoder.logical_specs(cfg.text)
+  return out
+
+
+def param_count(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  out = {"dit": mmdit.param_count(cfg.dit)}
+  if cfg.text is not None:
+    out["text"] = text_encoder.param_count(cfg.text)
+  return out
+
+
+def encode_text(cfg, params: dict, ids: jax.Array,
+                mask: jax.Array) -> TextCond:
+  """Prompt ids [B, L] (mask [B, L]) -> TextCond. An all-zero mask row is the
+  empty prompt, i.e. the unconditional input of classifier-free guidance."""
+  if cfg.text is None:
+    raise ValueError("this generator config has external text encoders "
+                     "(model.text=None); pass precomputed T5/CLIP embeddings "
+                     "as a TextCond instead of prompt ids")
+  return text_encoder.apply(cfg.text, params["text"], ids, mask)
+
+
+def unconditional(cond: TextCond) -> TextCond:
+  """The empty-prompt condition: no text tokens visible, pooled vector 0."""
+  return TextCond(cond.txt, jnp.zeros_like(cond.txt_mask),
+                  jnp.zeros_like(cond.pooled))
+
+
+def velocity(cfg, params: dict, x: jax.Array, t: jax.Array, cond: TextCond,
+             guidance: jax.Array | None = None) -> jax.Array:
+  """v(x_t, t | text) for x [B, (T,) H, W, C] in model space."""
+  return mmdit.apply(cfg.dit, params["dit"], x, t, cond.txt, cond.txt_mask,
+                     cond.pooled, guidance)
+
+
+def velocity_fn(cfg, guidance: float | None = None):
+  """`velocity` as the (params, x, t, cond) callable `flow.sample` takes;
+  `guidance` feeds Flux-dev's distilled-guidance embedding."""
+  def fn(params, x, t, cond):
+    g = None if guidance is None else jnp.full(t.shape, guidance, x.dtype)
+    return velocity(cfg, params, x, t, cond, g)
+  return fn
+
+
+def to_model_space(pixels_uint8: jax.Array) -> jax.Array:
+  return pixels_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_pixels(x: jax.Array) -> jax.Array:
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def resize(pixels: jax.Array, size: int) -> jax.Array:
+  """uint8 [..., H, W, 3] -> float [..., size, size, 3], area-averaged."""
+  *lead, h, w, c = pixels.shape
+  if h % size or w % size:
+    raise ValueError(f"cannot area-resize {h}x{w} to {size}x{size}")
+  x = pixels.astype(jnp.float32).reshape(*lead, size, h // size, size,
+                                         w // size, c)
+  return x.mean((-4, -2))
