@@ -155,7 +155,7 @@ def test_logits_at_and_hf_dir_load(converted):
 
 
 def test_bf16_compute_close(converted):
-  """bf16 compute with fp32 params stays near the fp32 logits."""
+  """bf16 compute (fp32 or bf16 params) stays near the fp32 logits."""
   c = converted
   cfg = c["cfg"].copy_and_resolve_references()
   cfg.dtype = "bfloat16"
@@ -165,6 +165,13 @@ def test_bf16_compute_close(converted):
   assert logits.dtype == jnp.float32
   scale = np.abs(c["ref"]).max()
   assert float(np.max(np.abs(np.asarray(logits) - c["ref"]))) < 0.1 * scale
+  # bf16 params straight from the HF dir: every weight is cast on load.
+  cfg16, params16 = convert.load(c["hf_dir"], dtype="bfloat16",
+                                 param_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype("bfloat16")}
+  logits16 = internvl.forward(cfg16, params16, jnp.asarray(c["ids"]),
+                              jnp.asarray(c["pixels"]))
+  assert float(np.max(np.abs(np.asarray(logits16) - c["ref"]))) < 0.1 * scale
 
 
 def test_mismatched_checkpoint_names_tensor(tmp_path):

@@ -1,0 +1,99 @@
+"""InternVL model behaviour beyond HF parity: padding, remat, mesh, image
+feature reuse, dynamic tiling and config errors (tiny sizes only)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import internvl as configs
+from rd_jax import sharding
+from rd_jax.models import internvl
+
+IMG = 3  # image_token_id of the tiny config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = configs.get_config("size=tiny,vocab=64")
+  params = internvl.init(cfg, jax.random.key(0))
+  n = internvl.tokens_per_image(cfg)
+  ids = jnp.asarray([[10, 1] + [IMG] * n + [2, 11, 12, 13] + [1] + [IMG] * n
+                     + [2, 14]] * 2)
+  pixels = jax.random.normal(jax.random.key(1), (4, 3, 56, 56))
+  return cfg, params, ids, pixels
+
+
+def test_right_padding_does_not_change_real_positions(tiny):
+  cfg, params, ids, pixels = tiny
+  padded = jnp.concatenate([ids, jnp.zeros((2, 3), ids.dtype)], axis=1)
+  mask = jnp.concatenate([jnp.ones_like(ids), jnp.zeros((2, 3), ids.dtype)], 1)
+  ref = internvl.forward(cfg, params, ids, pixels)
+  out = internvl.forward(cfg, params, padded, pixels, attention_mask=mask)
+  np.testing.assert_allclose(out[:, :ids.shape[1]], ref, atol=1e-5)
+
+
+def test_remat_policies_and_mesh_give_same_logits(tiny):
+  cfg, params, ids, pixels = tiny
+  ref = internvl.forward(cfg, params, ids, pixels)
+  for remat in ("full", "dots"):
+    c = cfg.copy_and_resolve_references()
+    c.remat = remat
+    loss = lambda p, c=c: internvl.forward(c, p, ids, pixels).sum()
+    value, grads = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(value, ref.sum(), rtol=1e-5)
+    assert all(jnp.isfinite(g).all() for g in jax.tree.leaves(grads))
+  mesh = sharding.make_mesh((-1, 1, 1))
+  shardings = sharding.mesh_shardings(params, mesh)
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda p: internvl.forward(cfg, p, ids, pixels))(
+        jax.device_put(params, shardings))
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_image_embeds_reuse_and_batched_pixels(tiny):
+  cfg, params, ids, pixels = tiny
+  ref = internvl.logits_at(cfg, params, ids, pixels, jnp.asarray([[5], [9]]))
+  feats = internvl.image_features(cfg, params, pixels)
+  assert feats.shape == (4, internvl.tokens_per_image(cfg),
+                         cfg.text.hidden_size)
+  out = internvl.logits_at(cfg, params, ids, None, jnp.asarray([[5], [9]]),
+                           image_embeds=feats)
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  out5 = internvl.logits_at(cfg, params, ids, pixels.reshape(2, 2, 3, 56, 56),
+                            jnp.asarray([[5], [9]]))
+  np.testing.assert_allclose(out5, ref, atol=1e-6)
+  # The images matter: swapping the two images of a sequence changes logits.
+  swapped = pixels.reshape(2, 2, 3, 56, 56)[:, ::-1]
+  out_sw = internvl.logits_at(cfg, params, ids, swapped,
+                              jnp.asarray([[5], [9]]))
+  assert float(jnp.abs(out_sw - ref).max()) > 1e-3
+
+
+def test_pixel_shuffle_groups_2x2_neighbours():
+  x = jnp.arange(16, dtype=jnp.float32).reshape(1, 16, 1)  # 4x4 grid
+  out = internvl.pixel_shuffle(x, 0.5)
+  np.testing.assert_array_equal(out[0], [[0, 1, 4, 5], [2, 3, 6, 7],
+                                         [8, 9, 12, 13], [10, 11, 14, 15]])
+
+
+def test_dynamic_tiles_follow_internvl_grid_choice():
+  rng = np.random.default_rng(0)
+  wide = rng.integers(0, 256, (28, 56, 3), dtype=np.uint8)
+  tiles = internvl.dynamic_tiles(wide, tile=28)
+  assert tiles.shape == (3, 3, 28, 28)  # 2x1 grid + thumbnail
+  left = (wide[:, :28] / 255.0 - np.asarray(internvl.IMAGENET_MEAN)) / (
+      np.asarray(internvl.IMAGENET_STD))
+  np.testing.assert_allclose(tiles[0], left.transpose(2, 0, 1), atol=1e-5)
+  # Aspect 5:3 with at most 12 tiles -> 3x2 grid (InternVL's choice).
+  assert internvl.dynamic_tiles(rng.random((60, 100, 3)), tile=28).shape == (
+      7, 3, 28, 28)
+  # Square ties go to the larger grid only when the image has the pixels.
+  assert internvl.dynamic_tiles(rng.random((56, 56, 3)), tile=28).shape[0] == 5
+  assert internvl.dynamic_tiles(rng.random((28, 28, 3)), tile=28).shape[0] == 1
+
+
+def test_config_errors_name_the_fix():
+  with pytest.raises(KeyError, match="unknown InternVL size '3b'"):
+    configs.get_config("size=3b")
+  with pytest.raises(KeyError, match="did you mean 'vocab'"):
+    configs.get_config("vocabb=3")
