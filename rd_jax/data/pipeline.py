@@ -1,0 +1,140 @@
+"""Building ShapesWorld on disk and reading it with grain.
+
+    build(data_dir)                      # TFDS -> ArrayRecord + tokenizer
+    it = iter(loader(data_dir, "image", "train", batch_size=32, seed=0))
+    batch = next(it)                     # dict of numpy arrays
+    state = it.get_state(); it.set_state(state)   # resumable
+
+Batches (B = batch size; samples are uint8 images [B,64,64,3] or videos
+[B,8,64,64,3]):
+  chosen, rejected   the preferred sample and its labelled near miss
+  prompt_ids         int32 [B, max_len] word-level tokens of the prompt
+  prompt_mask        bool  [B, max_len]
+  category, failure  int32 [B], indices into world.CATEGORIES / FAILURES
+  id                 int64 [B], record index within the split
+  prompt, spec, failure_text   bytes [B] (spec is JSON: world.Spec.from_json)
+
+Sharding: each process reads the records `shard_index::shard_count` of a
+deterministic permutation (defaults: jax.process_index()/process_count()),
+so the processes of a pod see disjoint parts of every epoch.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rd_jax.data import tfds_shapes, tokenizer, world
+
+KINDS = ("image", "video")
+
+
+def tokenizer_dir(data_dir: str) -> str:
+  return os.path.join(data_dir, "tokenizer")
+
+
+def _builder(data_dir: str, kind: str, scale: str) -> tfds_shapes.ShapesWorld:
+  if kind not in KINDS:
+    raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+  if scale not in tfds_shapes.SCALES:
+    raise ValueError(f"unknown scale {scale!r}; one of {tuple(tfds_shapes.SCALES)}")
+  return tfds_shapes.ShapesWorld(
+      config=tfds_shapes.config_name(kind, scale), data_dir=data_dir)
+
+
+def build(data_dir: str, scale: str = "default", kinds=KINDS,
+          log=print) -> dict[str, float]:
+  """Writes ShapesWorld (ArrayRecord) and its tokenizer; reuses what exists.
+
+  Returns seconds spent per part.
+  """
+  tfds.disable_progress_bar()
+  timings = {}
+  for kind in kinds:
+    t0 = time.time()
+    b = _builder(data_dir, kind, scale)
+    b.download_and_prepare(file_format="array_record")
+    timings[kind] = time.time() - t0
+    sizes = {s: b.info.splits[s].num_examples for s in world.SPLITS}
+    log(f"[data] {kind}/{scale}: {sizes} in {timings[kind]:.1f}s -> {b.data_dir}")
+  t0 = time.time()
+  if not os.path.exists(os.path.join(tokenizer_dir(data_dir), "tokenizer.json")):
+    tok = tokenizer.build(tokenizer_dir(data_dir))
+    log(f"[data] tokenizer: {len(tok)} tokens -> {tokenizer_dir(data_dir)}")
+  timings["tokenizer"] = time.time() - t0
+  return timings
+
+
+def data_source(data_dir: str, kind: str, split: str,
+                scale: str = "default"):
+  """Random-access source of decoded records for one split."""
+  if split not in world.SPLITS:
+    raise ValueError(f"unknown split {split!r}; one of {world.SPLITS}")
+  b = _builder(data_dir, kind, scale)
+  if not os.path.isdir(b.data_dir) or not os.path.exists(
+      os.path.join(b.data_dir, "dataset_info.json")):
+    raise FileNotFoundError(
+        f"no ShapesWorld {kind}/{scale} data under {data_dir!r}; build it "
+        f"with: python -m rd_jax.data.build --data_dir={data_dir} "
+        f"--scale={scale}")
+  return b.as_data_source(split=split)
+
+
+class _Prepare(grain.transforms.Map):
+  """Record -> numpy example with tokenized prompt."""
+
+  def __init__(self, tok_dir: str, max_len: int):
+    self._tok_dir, self._max_len, self._tok = tok_dir, max_len, None
+
+  def map(self, record):
+    if self._tok is None:  # loaded lazily: cheap to pickle into workers
+      self._tok = tokenizer.load(self._tok_dir)
+    prompt = record["prompt"]
+    ids, mask = tokenizer.encode(self._tok, [prompt.decode()], self._max_len)
+    return {
+        "chosen": record["chosen"], "rejected": record["rejected"],
+        "prompt_ids": ids[0], "prompt_mask": mask[0],
+        "category": np.int32(record["category"]),
+        "failure": np.int32(record["failure"]),
+        "id": np.int64(record["id"]),
+        "prompt": prompt, "spec": record["spec"],
+        "failure_text": record["failure_text"],
+    }
+
+
+def loader(data_dir: str, kind: str = "image", split: str = "train", *,
+           batch_size: int, seed: int = 0, scale: str = "default",
+           max_len: int = 24, shuffle: bool = True,
+           num_epochs: int | None = None, drop_remainder: bool = True,
+           shard_index: int | None = None, shard_count: int | None = None,
+           worker_count: int = 0) -> grain.DataLoader:
+  """A deterministic grain DataLoader over one split (see module docstring).
+
+  `num_epochs=None` repeats forever (training); evaluation passes 1.
+  Same arguments -> identical batches; `iter(...).get_state()` / `set_state`
+  resume exactly.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  source = data_source(data_dir, kind, split, scale)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardOptions(
+          shard_index=shard_index, shard_count=shard_count,
+          drop_remainder=True),
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[_Prepare(tokenizer_dir(data_dir), max_len),
+                  grain.transforms.Batch(batch_size,
+                                         drop_remainder=drop_remainder)],
+      worker_count=worker_count)
+
+
+def specs_of(batch) -> list[world.Spec]:
+  """The world.Spec of every example in a batch."""
+  return [world.Spec.from_json(s.decode()) for s in batch["spec"]]
