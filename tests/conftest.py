@@ -3,3 +3,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_tiny(tmp_path_factory):
+  """A tiny ShapesWorld (ArrayRecord + tokenizer), built once per test run."""
+  from rd_jax.data import pipeline
+  data_dir = str(tmp_path_factory.mktemp("shapes_tiny"))
+  pipeline.build(data_dir, "tiny", log=lambda *_: None)
+  return data_dir

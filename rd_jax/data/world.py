@@ -310,7 +310,7 @@ def layout(spec: Spec, rng: np.random.Generator, split: str = "train",
   background, (rmin, rmax) = _style(rng, split)
   frames_n = frames or 1
   relation = relation or spec.relation
-  todo: list[tuple[str, str, float, float]] = []  # shape, color, vx, vy
+  todo = []  # (shape, color, vx, vy, colour left open by the prompt)
   for o in spec.objects:
     for _ in range(o.count):
       color = o.color or _color_for(rng, o.shape, split)
@@ -318,10 +318,19 @@ def layout(spec: Spec, rng: np.random.Generator, split: str = "train",
       if o.direction:
         ux, uy = _VEL[o.direction]
         vx, vy = ux * SPEEDS[o.speed], uy * SPEEDS[o.speed]
-      todo.append((o.shape, color, vx, vy))
+      todo.append((o.shape, color, vx, vy, o.color is None))
+  if split == "test_ood" and not any((c, sh) in OOD_COMBOS
+                                     for sh, c, *_ in todo):
+    # every OOD sample shows a held-out combination: recolour an object whose
+    # colour the prompt leaves open
+    free = [i for i, t in enumerate(todo) if t[4]]
+    i = free[rng.integers(len(free))]
+    shape = todo[i][0]
+    color = next(c for c, sh in sorted(OOD_COMBOS) if sh == shape)
+    todo[i] = (shape, color) + todo[i][2:]
   for _ in range(max_tries):  # greedy placement, restarted when stuck
     placed: list[Placed] = []
-    for shape, color, vx, vy in todo:
+    for shape, color, vx, vy, _ in todo:
       for _ in range(100):
         cand = Placed(shape, color, float(rng.uniform(6, 58)),
                       float(rng.uniform(6, 58)),

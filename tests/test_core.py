@@ -1,0 +1,39 @@
+"""Config argument parsing and the mesh / logical-axis rules."""
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rd_jax import config_util, sharding
+
+
+def test_parse_arg_types_and_bare_flags():
+  c = config_util.parse_arg("size=26b,smoke,steps=7", size="tiny", smoke=False,
+                            steps=100)
+  assert (c.size, c.smoke, c.steps) == ("26b", True, 7)
+
+
+def test_parse_arg_unknown_key_suggests_closest():
+  with pytest.raises(KeyError, match="unknown config argument 'smok'; did you "
+                     "mean 'smoke'"):
+    config_util.parse_arg("smok", smoke=False, size="tiny")
+
+
+def test_logical_rules_map_and_drop_unused_axes():
+  rules = sharding.DEFAULT_RULES
+  assert sharding.logical_to_mesh(("embed", "mlp"), rules) == P("fsdp", "tensor")
+  # a mesh axis is used once per spec: heads takes tensor, mlp gets nothing
+  assert sharding.logical_to_mesh(("heads", "mlp"), rules) == P("tensor", None)
+  mesh = sharding.make_mesh((-1, 1, 1))  # size-1 axes are dropped
+  assert sharding.logical_to_mesh(("act_batch", "embed"), rules, mesh) == (
+      P("data", None) if mesh.shape["data"] > 1 else P(None, None))
+  with pytest.raises(KeyError, match="logical axis 'nonsense' has no rule"):
+    sharding.logical_to_mesh(("nonsense",), rules)
+
+
+def test_mesh_that_does_not_fit_the_devices_fails_clearly():
+  n = len(jax.devices())
+  with pytest.raises(ValueError, match=f"mesh shape \\(3, {n}, 1\\) needs "
+                     f"{3 * n} devices but {n} are available"):
+    sharding.make_mesh((3, n, 1))
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sharding.make_mesh((-1, -1, 1))
