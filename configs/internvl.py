@@ -1,4 +1,4 @@
-"""InternVL2.5 backbone configs: the reward-model scaling ladder and a tiny size.
+"""InternVL2.5 backbone configs: the reward-model scaling ladder, plus tiny.
 
     python -m rd_jax.convert.internvl --hf_dir=/ckpt/InternVL2_5-8B-hf \
         --out_dir=/ckpt/rd_internvl_8b
@@ -6,8 +6,8 @@
     get_config('size=tiny,vocab=300')   # CPU smoke size (~0.2M params)
 
 Arguments: size (1b|2b|4b|8b|26b|tiny), dtype / param_dtype (float32 |
-bfloat16), remat (none|full|dots), and for size=tiny: vocab, image_token_id,
-image_size (a multiple of 28), width (LLM width), layers.
+bfloat16), remat (none|full|dots|dots_no_batch), and for size=tiny: vocab,
+image_token_id, image_size (a multiple of 28), width (LLM width), layers.
 
 Sources (every number below): the InternVL 2.5 family table on the model
 cards https://huggingface.co/OpenGVLab/InternVL2_5-{1B,2B,4B,8B,26B} (which

@@ -59,7 +59,10 @@ def test_image_embeds_reuse_and_batched_pixels(tiny):
   out = internvl.logits_at(cfg, params, ids, None, jnp.asarray([[5], [9]]),
                            image_embeds=feats)
   np.testing.assert_allclose(out, ref, atol=1e-6)
-  out5 = internvl.logits_at(cfg, params, ids, pixels.reshape(2, 2, 3, 56, 56),
+  per_seq = pixels.reshape(2, 2, 3, 56, 56)
+  assert internvl.image_features(cfg, params, per_seq).shape == (
+      2, 2) + feats.shape[1:]
+  out5 = internvl.logits_at(cfg, params, ids, per_seq,
                             jnp.asarray([[5], [9]]))
   np.testing.assert_allclose(out5, ref, atol=1e-6)
   # The images matter: swapping the two images of a sequence changes logits.
@@ -67,6 +70,16 @@ def test_image_embeds_reuse_and_batched_pixels(tiny):
   out_sw = internvl.logits_at(cfg, params, ids, swapped,
                               jnp.asarray([[5], [9]]))
   assert float(jnp.abs(out_sw - ref).max()) > 1e-3
+
+
+def test_image_token_count_mismatch_is_clear(tiny):
+  cfg, params, ids, pixels = tiny
+  short = jnp.asarray([[7, IMG, IMG, 8]])  # 2 image tokens; one image gives 4
+  with pytest.raises(ValueError, match=r"\[2\] <IMG_CONTEXT> tokens"):
+    internvl.forward(cfg, params, short, pixels[:1])
+  with pytest.raises(ValueError, match=r"\[8, 8\] <IMG_CONTEXT> tokens .* "
+                     r"give 4 features"):
+    internvl.forward(cfg, params, ids, pixels.reshape(2, 2, 3, 56, 56)[:, :1])
 
 
 def test_pixel_shuffle_groups_2x2_neighbours():

@@ -30,7 +30,7 @@ cfg (ml_collections, built by configs/internvl.py or the converter) keys:
   vision_feature_layer  -1 = last layer (HF semantics otherwise)
   projector_norm_eps    LayerNorm eps of the projector (torch default 1e-5)
   dtype, param_dtype    compute / parameter dtypes ('float32', 'bfloat16')
-  remat                 'none' | 'full' | 'dots'
+  remat                 'none' | 'full' | 'dots' | 'dots_no_batch'
 
 Einsum letters: B batch, P pixel-shuffle output tokens / read positions,
 C 4x vision width, D LLM width, V vocabulary.
@@ -155,11 +155,13 @@ class InternVL(nnx.Module):
                                       rngs)
 
   def image_features(self, pixel_values: jax.Array) -> jax.Array:
-    """[N, C, H, W] (or [B, I, C, H, W]) -> [N, tokens_per_image, D]."""
-    if pixel_values.ndim == 5:
-      pixel_values = pixel_values.reshape(-1, *pixel_values.shape[2:])
-    x = self.vision(pixel_values, self.feature_layer)[:, 1:]
-    return self.projector(pixel_shuffle(x, self.ratio))
+    """[N, C, H, W] -> [N, P, D]; per-sample [B, I, C, H, W] -> [B, I, P, D]
+    (P = tokens_per_image)."""
+    lead = pixel_values.shape[:-3]
+    x = self.vision(pixel_values.reshape(-1, *pixel_values.shape[-3:]),
+                    self.feature_layer)[:, 1:]
+    x = self.projector(pixel_shuffle(x, self.ratio))
+    return x.reshape(*lead, *x.shape[1:])
 
   def embed(self, input_ids, pixel_values=None, image_embeds=None):
     """Token embeddings [B, L, D] with image features spliced in."""
@@ -179,24 +181,30 @@ class InternVL(nnx.Module):
 
 def splice_images(embeds: jax.Array, is_image: jax.Array,
                   features: jax.Array) -> jax.Array:
-  """Puts features [N, P, D] (flattened in order) at the True slots of
-  is_image [B, L], row-major, like torch's `masked_scatter`.
+  """Puts image features at the True slots of is_image [B, L], in order.
 
-  Jit-friendly (gather by running count). Outside jit the counts must agree.
+  features [N, P, D]: all images of the batch, consumed row-major over the
+  whole batch, like torch's `masked_scatter` in HF. features [B, I, P, D]:
+  sequence b gets its own I images; the gather then stays within a row, so
+  a batch sharded over `data` needs no cross-device traffic. Jit-friendly
+  (gather by running count); outside jit the counts are checked.
   """
-  flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
+  per_row = features.ndim == 4
+  flat = features.reshape(features.shape[0] if per_row else 1, -1,
+                          features.shape[-1]).astype(embeds.dtype)
+  slots = is_image if per_row else is_image.reshape(1, -1)
   if not isinstance(is_image, jax.core.Tracer):
-    n_tokens = int(np.asarray(is_image).sum())
-    if n_tokens != flat.shape[0]:
+    counts = np.asarray(slots).sum(-1)
+    if (counts != flat.shape[1]).any():
       raise ValueError(
-          f"{n_tokens} <IMG_CONTEXT> tokens in input_ids but the images give "
-          f"{flat.shape[0]} features ({features.shape[0]} images x "
-          f"{features.shape[1]} tokens); put tokens_per_image(cfg, size) "
-          "image tokens per image (tile) in the prompt")
-  index = jnp.cumsum(is_image.reshape(-1)) - 1
-  gathered = jnp.take(flat, jnp.clip(index, 0, flat.shape[0] - 1), axis=0)
-  gathered = gathered.reshape(embeds.shape)
-  return jnp.where(is_image[..., None], gathered, embeds)
+          f"{counts.tolist()} <IMG_CONTEXT> tokens in input_ids but the "
+          f"images give {flat.shape[1]} features ({features.shape[:-2]} "
+          f"images x {features.shape[-2]} tokens); put tokens_per_image(cfg, "
+          "size) image tokens per image (tile) in the prompt")
+  index = jnp.clip(jnp.cumsum(slots, axis=-1) - 1, 0, flat.shape[1] - 1)
+  gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered.reshape(embeds.shape),
+                   embeds)
 
 
 @functools.lru_cache(maxsize=32)
@@ -231,7 +239,8 @@ def model(cfg: ml_collections.ConfigDict, params: nnx.State) -> InternVL:
 
 
 def image_features(cfg, params, pixel_values: jax.Array) -> jax.Array:
-  """Projected image tokens [N, tokens_per_image, D] for [N, C, H, W] images.
+  """Projected image tokens [N, P, D] for [N, C, H, W] images ([B, I, P, D]
+  for [B, I, C, H, W]); P = tokens_per_image(cfg).
 
   Compute once and pass as `image_embeds=` to reuse (e.g. a reference
   image shared by many pairwise comparisons).
@@ -257,8 +266,9 @@ def forward(cfg, params, input_ids: jax.Array,
   """Next-token logits [B, L, V] (fp32).
 
   input_ids: [B, L] int; pixel_values: [N, 3, S, S] normalised images (all
-  images/tiles of the batch in order; or [B, I, 3, S, S]); image_embeds:
-  precomputed `image_features` instead of pixel_values; attention_mask:
+  images/tiles of the batch in order, HF style) or [B, I, 3, S, S] (I per
+  sequence); image_embeds: precomputed `image_features` instead of
+  pixel_values; attention_mask:
   [B, L] 1 = real token; positions: [B, L] RoPE positions (default 0..L-1).
   """
   m = model(cfg, params)

@@ -12,11 +12,10 @@ Einsum dimension letters (used in this file and in vit.py):
   F MLP width, V vocabulary.
 
 The decoder layers are one `DecoderLayer` vmapped at init (params carry a
-leading `layers` axis) and run with `jax.lax.scan` under a remat policy.
+leading `layers` axis) and run with `layers.scan_layers` (lax.scan under the
+config's remat policy: none | full | dots | dots_no_batch).
 """
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +23,9 @@ import ml_collections
 from flax import nnx
 
 from rd_jax import sharding
+from rd_jax.models.layers import scan_layers
 
 _INIT_STD = 0.02  # HF initializer_range; real weights come from the converter.
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
@@ -76,28 +70,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, n, h)
-
-
-def scan_layers(stack: nnx.Module, x: jax.Array, remat: str,
-                *args: Any) -> jax.Array:
-  """Runs vmapped layers `stack` ([layers, ...] params) over x with scan.
-
-  Each step merges one layer's slice of the params back into the layer
-  module and calls `layer(x, *args)`; `remat` names a REMAT_POLICIES entry.
-  """
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {remat!r}; "
-                     f"use one of {sorted(REMAT_POLICIES)}")
-  graphdef, state = nnx.split(stack)
-
-  def body(carry, layer_state):
-    return nnx.merge(graphdef, layer_state)(carry, *args), None
-
-  if remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat],
-                          prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, state)
-  return x
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict,
@@ -226,7 +198,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, dtype, param_dtype, rngs)
 
   def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(rms_norm(x, self.attn_norm[...], self.eps), cos, sin, mask)
+    y = rms_norm(x, self.attn_norm[...], self.eps)
+    x = x + self.attn(y, cos, sin, mask)
     x = x + self.mlp(rms_norm(x, self.mlp_norm[...], self.eps))
     return sharding.shard_activation(x, ("act_batch", "act_len", "act_embed"))
 
@@ -282,7 +255,8 @@ class Decoder(nnx.Module):
     cos, sin = rope_tables(self.cfg_rope, positions, self.dtype)
     x = sharding.shard_activation(embeds.astype(self.dtype),
                                   ("act_batch", "act_len", "act_embed"))
-    x = scan_layers(self.layers, x, self.remat, cos, sin, mask)
+    x = scan_layers(lambda layer, h: layer(h, cos, sin, mask), x,
+                    self.layers, self.remat)
     return rms_norm(x, self.final_norm[...], self.eps)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from rd_jax import sharding
-from rd_jax.models.llm import (attend, cast, normal, ones, rms_norm,
-                               scan_layers, zeros)
+from rd_jax.models.layers import scan_layers
+from rd_jax.models.llm import attend, cast, normal, ones, rms_norm, zeros
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -94,7 +94,7 @@ class Norm(nnx.Module):
 
 
 class VisionLayer(nnx.Module):
-  """x + λ1·attn(norm(x)); then + λ2·mlp(norm(.)). Bidirectional attention."""
+  """x + λ1·attn(norm(x)), then + λ2·mlp(norm(.)); bidirectional attention."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype,
                rngs: nnx.Rngs):
@@ -204,11 +204,11 @@ class InternViT(nnx.Module):
     x = x + resize_position_embeddings(self.pos[...], gy, gx).astype(dt)
     x = sharding.shard_activation(x, ("act_batch", "act_len", "act_embed"))
     if feature_layer == -1:
-      x = scan_layers(self.layers, x, self.remat)
+      x = scan_layers(lambda layer, h: layer(h), x, self.layers, self.remat)
       return self.final_norm(x) if hasattr(self, "final_norm") else x
     depth = feature_layer % (self.num_layers + 1)
     if depth == 0:
       return x
     graphdef, state = nnx.split(self.layers)
     first = nnx.merge(graphdef, jax.tree.map(lambda a: a[:depth], state))
-    return scan_layers(first, x, self.remat)
+    return scan_layers(lambda layer, h: layer(h), x, first, self.remat)
