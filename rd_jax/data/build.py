@@ -2,7 +2,7 @@
 
     python -m rd_jax.data.build --data_dir=DIR [--scale=default|small|tiny]
 
-Reuses what already exists under DIR. The default scale takes about 1.5
+Reuses what already exists under DIR. The default scale takes 1.5-2
 minutes on a 2-core machine (see README).
 """
 from absl import app, flags

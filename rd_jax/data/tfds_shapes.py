@@ -28,7 +28,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 # examples per split: (image train, video train, image test, video test)
 SCALES = {
-    "default": (12000, 1600, 600, 200),
+    "default": (10000, 1600, 600, 200),
     "small": (2000, 400, 200, 60),   # smoke runs of the whole pipeline
     "tiny": (120, 24, 24, 8),        # unit tests
 }
