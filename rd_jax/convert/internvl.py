@@ -249,8 +249,10 @@ def _weight_map(cfg) -> dict[str, tuple[str, Callable]]:
       ("o", "attention.projection_layer.weight", _out_heads),
       ("o_bias", "attention.projection_layer.bias", _copy),
       ("scale1", "lambda_1", _copy), ("scale2", "lambda_2", _copy),
-      ("fc1", "mlp.fc1.weight", _transpose), ("fc1_bias", "mlp.fc1.bias", _copy),
-      ("fc2", "mlp.fc2.weight", _transpose), ("fc2_bias", "mlp.fc2.bias", _copy),
+      ("fc1", "mlp.fc1.weight", _transpose),
+      ("fc1_bias", "mlp.fc1.bias", _copy),
+      ("fc2", "mlp.fc2.weight", _transpose),
+      ("fc2_bias", "mlp.fc2.bias", _copy),
   ]:
     m["vision/layers/" + ours] = (vl + theirs, rule)
   tl = "language_model.layers.{i}."
