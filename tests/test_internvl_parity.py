@@ -179,11 +179,18 @@ def test_mismatched_checkpoint_names_tensor(tmp_path):
   model = InternVLForConditionalGeneration(_hf_config(case))
   model.save_pretrained(str(tmp_path))
   path = tmp_path / "config.json"
-  cfg = json.loads(path.read_text())
-  cfg["text_config"]["intermediate_size"] = 40
-  path.write_text(json.dumps(cfg))
+  good = json.loads(path.read_text())
+  bad = json.loads(path.read_text())
+  bad["text_config"]["intermediate_size"] = 40
+  path.write_text(json.dumps(bad))
   with pytest.raises(ValueError, match=r"tensor 'language_model\.layers\.0\."
                      r"mlp\.down_proj\.weight': expected shape \(32, 40\) "
                      r"from the config, found \(32, 48\)"):
+    convert.load(str(tmp_path))
+  # Without the top-level flag transformers ties the head; a separate
+  # lm_head.weight in the checkpoint must not be dropped silently.
+  del good["tie_word_embeddings"]
+  path.write_text(json.dumps(good))
+  with pytest.raises(ValueError, match="different lm_head.weight"):
     convert.load(str(tmp_path))
 

@@ -134,7 +134,10 @@ def config_from_hf(hf: dict, *, dtype: str = "float32",
   _require(rope.get("partial_rotary_factor", 1.0) == 1.0,
            "partial rotary embeddings")
   heads = t["num_attention_heads"]
-  tie = hf.get("tie_word_embeddings", t.get("tie_word_embeddings", True))
+  # As transformers: the top-level flag decides (default True); the text
+  # config's own flag is ignored. params_from_hf refuses to drop a distinct
+  # lm_head.weight because of it.
+  tie = hf.get("tie_word_embeddings", True)
   vision = internvl.vision_config(
       hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"],
       num_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
@@ -314,6 +317,14 @@ def params_from_hf(cfg, tensors: dict[str, np.ndarray]) -> nnx.State:
         [_fetch(tensors, n, leaf.shape[1:], rule, dtype) for n in names]))
 
   pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract))
+  if cfg.text.tie_embeddings and "lm_head.weight" in tensors and not (
+      np.array_equal(tensors["lm_head.weight"],
+                     tensors["language_model.embed_tokens.weight"])):
+    raise ValueError(
+        "config.json ties the LM head to the embeddings (top-level "
+        "tie_word_embeddings is true or absent) but the checkpoint has a "
+        "different lm_head.weight; set \"tie_word_embeddings\": false at the "
+        "top level of config.json if the head is separate")
   unused = sorted(set(tensors) - used - {"lm_head.weight",
                                          "vision_tower.embeddings.mask_token"})
   if unused:
