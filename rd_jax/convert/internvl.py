@@ -338,15 +338,26 @@ def params_from_hf(cfg, tensors: dict[str, np.ndarray]) -> nnx.State:
 # ----------------------------- save / load ----------------------------------
 
 def save(out_dir: str, cfg, params: nnx.State) -> None:
-  """Orbax params at out_dir/params plus out_dir/config.json."""
+  """Orbax params at out_dir/params plus out_dir/config.json.
+
+  An existing checkpoint there is replaced only once the new one is fully
+  written, so a failed conversion never destroys a good one.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   target = os.path.join(out_dir, "params")
-  if os.path.exists(target):
-    shutil.rmtree(target)
+  fresh, old = target + ".new", target + ".old"
+  for leftover in (fresh, old):
+    if os.path.exists(leftover):
+      shutil.rmtree(leftover)
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(target, nnx.to_pure_dict(params))
+    ckpt.save(fresh, nnx.to_pure_dict(params))
+  if os.path.exists(target):
+    os.replace(target, old)
+  os.replace(fresh, target)
+  if os.path.exists(old):
+    shutil.rmtree(old)
   tmp = os.path.join(out_dir, "config.json.tmp")
   with open(tmp, "w") as f:
     f.write(cfg.to_json(indent=2, sort_keys=True))
