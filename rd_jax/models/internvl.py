@@ -3,6 +3,10 @@
     params = init(cfg, rng)                      # nnx.State, logical axis names
     logits = forward(cfg, params, input_ids, pixel_values)          # [B, L, V]
     logits = logits_at(cfg, params, input_ids, pixel_values, read_positions)
+    hidden = hidden_states(cfg, params, input_ids, pixel_values)    # [B, L, D]
+    feats = image_features(cfg, params, pixel_values)   # reusable image_embeds
+    tiles = dynamic_tiles(image)       # host-side InternVL tiling [n, 3, S, S]
+    cfg, params = rd_jax.convert.internvl.load(path)   # converted or HF dir
 
 Architecture ("ViT-MLP-LLM", as Hugging Face's
 `InternVLForConditionalGeneration`): InternViT (vit.py) encodes every image
@@ -10,8 +14,9 @@ tile to 1 + (S/14)^2 tokens; the class token is dropped; pixel shuffle (0.5)
 folds 2x2 neighbouring tokens into one of 4x the width; the projector
 (LayerNorm -> Linear -> GELU -> Linear) maps them to the LLM width; these
 features replace, in order, the embeddings of the `<IMG_CONTEXT>` tokens
-(`cfg.image_token_id`) of the whole batch (row-major), so any number of images
-per sequence works (pairwise: 2, video: T frames, dynamic tiling: tiles +
+(`cfg.image_token_id`): of the whole batch (row-major, HF) for [N, 3, S, S]
+pixels, or of each sequence for [B, I, 3, S, S], so any number of images per
+sequence works (pairwise: 2, video: T frames, dynamic tiling: tiles +
 thumbnail). The decoder LLM (llm.py) then runs causally.
 
 cfg (ml_collections, built by configs/internvl.py or the converter) keys:
