@@ -1,0 +1,102 @@
+r"""RewardDance reward models on ShapesWorld (and the real InternVL2.5 ladder).
+
+  python -m rd_jax.data.build --data_dir=/tmp/rd_jax_shapes_data
+  python -m rd_jax.train_rm --config=configs/rm_shapes.py \
+      --workdir=/tmp/rm_shapes
+
+Default (size=s, pairwise generative, task instructions, no CoT) reaches
+acc_id >= 0.90 and acc_ood >= 0.80 in under 10 minutes on 2 CPU cores (see
+README for the measured figures).
+
+Arguments (`--config=configs/rm_shapes.py:key=value,...`):
+  size       xs | s | m | l | xl (ShapesWorld ladder, each ~3-4x the
+             parameters of the previous) | 1b | 2b | 4b | 8b | 26b (the
+             InternVL2.5 sizes of configs/internvl.py: compile-only here)
+  paradigm   pairwise_generative | pointwise_generative | pointwise_regressive
+  cot        none | decision_first | reason_first (rationale LM loss, w_cot)
+  instruction  task-aware instructions in the question (default on)
+  kind       image | video (8-frame clips, frames as images)
+  smoke      tiny model, few steps, tiny data scale (tests / CI)
+Anything else: `--config.train.steps=...`, `--config.augment.tint=0` etc.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from rd_jax.config_util import parse_arg
+from rd_jax.models.internvl import model_config, text_config, vision_config
+
+# (ViT width, layers, heads), (LLM width, layers, heads, kv_heads)
+LADDER = {
+    "xs": ((32, 2, 2), (64, 2, 4, 2)),
+    "s": ((64, 2, 4), (96, 4, 4, 2)),
+    "m": ((96, 4, 4), (192, 4, 6, 2)),
+    "l": ((128, 6, 4), (320, 6, 8, 4)),
+    "xl": ((192, 8, 6), (576, 8, 8, 4)),
+}
+REAL_SIZES = ("1b", "2b", "4b", "8b", "26b")
+SHAPES_VOCAB = 128  # >= the ShapesWorld tokenizer (120 tokens)
+
+
+def shapes_model(size: str, image_size: int = 64, patch_size: int = 8,
+                 vocab: int = SHAPES_VOCAB) -> ml_collections.ConfigDict:
+  """A tiny InternVL for 64x64 ShapesWorld: patch 8 -> 8x8 patches -> pixel
+  shuffle -> 16 tokens per image."""
+  (vw, vl, vh), (tw, tl, th, tkv) = LADDER[size]
+  return model_config(
+      vision_config(hidden_size=vw, num_layers=vl, num_heads=vh,
+                    mlp_dim=4 * vw, image_size=image_size,
+                    patch_size=patch_size, layer_scale_init=1.0),
+      text_config(vocab_size=vocab, hidden_size=tw, num_layers=tl,
+                  num_heads=th, num_kv_heads=tkv, head_dim=tw // th,
+                  mlp_dim=4 * tw, max_position_embeddings=4096),
+      image_token_id=6)  # ShapesWorld tokenizer's <IMG_CONTEXT>
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = parse_arg(arg, size="s", paradigm="pairwise_generative", cot="none",
+                  instruction=True, kind="image", smoke=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data_dir = "/tmp/rd_jax_shapes_data"
+  c.scale = "tiny" if arg.smoke else "default"
+  c.kind = arg.kind
+  c.paradigm = arg.paradigm
+  c.instruction = arg.instruction
+  c.cot = arg.cot
+  c.w_cot = 0.1         # LM loss weight on rationale tokens
+  c.alpha = 0.1         # pointwise generative: weight of the yes/no CE
+  c.question_len = 72   # max question tokens (error if longer)
+  c.answer_len = 1 if arg.cot == "none" else 32
+
+  size = "xs" if arg.smoke else arg.size
+  if size in REAL_SIZES:
+    from configs import internvl  # pylint: disable=import-outside-toplevel
+    model = internvl.get_config(f"size={size},dtype=bfloat16")
+  elif size in LADDER:
+    model = shapes_model(size)
+  else:
+    raise KeyError(f"unknown size {size!r}; one of {sorted(LADDER)} or "
+                   f"{REAL_SIZES}")
+  c.size = size
+  # yes_id / no_id are filled from the tokenizer by the trainer.
+  c.rm = ml_collections.ConfigDict(dict(
+      model=model, readout="two_token", yes_id=-1, no_id=-1,
+      init_scale=1.0 if size in REAL_SIZES else 4.0,
+      frames=8 if arg.kind == "video" else None))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=40 if arg.smoke else 900, batch_size=8 if arg.smoke else 32,
+      lr=2e-3 if arg.smoke else 1e-3, warmup_steps=5 if arg.smoke else 60,
+      weight_decay=0.05, grad_clip=1.0, b2=0.98))
+  # Pixel augmentation (same draw for both images of a pair): background
+  # tint / brightness on low-saturation pixels, and random zoom-in.
+  c.augment = ml_collections.ConfigDict(dict(
+      tint=0.15, brightness=0.08, zoom=1.2, zoom_prob=0.5))
+  c.eval_every = 20 if arg.smoke else 300
+  c.eval_pairs = 16 if arg.smoke else 192      # periodic eval (test_id)
+  c.final_eval_pairs = -1                      # -1: the whole split
+  c.eval_batch = 8 if arg.smoke else 64
+  c.ckpt_every = 20 if arg.smoke else 300
+  c.log_every = 10 if arg.smoke else 50
+  return c

@@ -1,0 +1,95 @@
+r"""Evaluates a trained reward model on held-out ShapesWorld preference pairs.
+
+  python -m rd_jax.eval_rm --checkpoint=/tmp/rm_shapes \
+      --split=test_id,test_ood [--kind=image|video] [--max_pairs=-1]
+
+--checkpoint is a train_rm workdir (its config.json and latest Orbax
+checkpoint; or a `.../checkpoints/STEP` directory for that step). Prints and
+writes CHECKPOINT/eval_<kind>.json: {split: {acc, acc_sym, acc_by_failure,
+ece, position_consistency, n}} (see rd_jax/reward/evaluate.py), plus `step`.
+--kind=video scores 8-frame clip pairs (frames as images); with an image
+model that is a zero-shot transfer.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from rd_jax import train_rm, train_util
+from rd_jax.models import internvl
+from rd_jax.reward import evaluate as rm_eval
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "train_rm workdir (or .../checkpoints/STEP)")
+_SPLIT = flags.DEFINE_string("split", "test_id,test_ood",
+                             "comma-separated splits")
+_KIND = flags.DEFINE_string("kind", None, "image | video (default: as trained)")
+_MAX_PAIRS = flags.DEFINE_integer("max_pairs", -1, "pairs per split; -1 all")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "ShapesWorld dir (default: as trained)")
+
+
+def load(checkpoint: str, data_dir: str | None = None):
+  """(config, params, step, tokenizer) of a train_rm workdir."""
+  step = None
+  path = os.path.abspath(checkpoint)
+  if os.path.basename(os.path.dirname(path)) == "checkpoints":
+    step, path = int(os.path.basename(path)), os.path.dirname(
+        os.path.dirname(path))
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(
+        f"no config.json in {path!r}; --checkpoint must be a train_rm "
+        f"--workdir (or its checkpoints/STEP directory)")
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if data_dir:
+    config.data_dir = data_dir
+  tok = train_rm.load_tokenizer(config)
+  state, _ = train_rm.init_state(config, jax.random.key(0))
+  ckpt = train_util.Checkpointer(os.path.join(path, "checkpoints"))
+  state, step = ckpt.restore(jax.tree.map(np.zeros_like, state), step=step)
+  ckpt.close()
+  return config, state["params"], step, tok
+
+
+def evaluate(checkpoint: str, splits, kind: str | None = None,
+             max_pairs: int = -1, data_dir: str | None = None) -> dict:
+  config, params, step, tok = load(checkpoint, data_dir)
+  kind = kind or config.kind
+  if kind != config.kind:
+    config.kind = kind
+    config.rm.frames = 8 if kind == "video" else None
+  tpi = internvl.tokens_per_image(config.rm.model)
+  score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
+  out = {"step": step}
+  for split in splits:
+    out[split] = rm_eval.evaluate(config, params, tok, score_fn, tpi,
+                                  split=split, kind=kind,
+                                  max_pairs=max_pairs,
+                                  batch_size=config.eval_batch)
+    logging.info("%s/%s: %s", kind, split, out[split])
+  return out
+
+
+def main(argv):
+  del argv
+  out = evaluate(_CHECKPOINT.value, _SPLIT.value.split(","), _KIND.value,
+                 _MAX_PAIRS.value, _DATA_DIR.value)
+  root = os.path.abspath(_CHECKPOINT.value)
+  if os.path.basename(os.path.dirname(root)) == "checkpoints":
+    root = os.path.dirname(os.path.dirname(root))
+  kind = _KIND.value or "trained_kind"
+  train_util.write_json(os.path.join(root, f"eval_{kind}.json"), out)
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint"])
+  app.run(main)

@@ -1,0 +1,113 @@
+"""Token sequences of the reward model (InternVL chat layout), fixed length.
+
+    <|im_start|>user\\n <img><IMG_CONTEXT>*P</img>\\n ... (one per image)
+    {question}<|im_end|>\\n<|im_start|>assistant\\n {answer} <pad>...
+
+Pairwise: images 1..T are the reference (T = 1 for an image, T frames for a
+video), images T+1..2T the candidate. Pointwise: T images. Sequences are
+right-padded to one length (`seq_len`), so every batch of a run compiles
+once. The logits at `read_pos` (the last prompt token) predict the first
+answer token: that is where the reward reads P("yes").
+
+Works with the ShapesWorld word-level tokenizer (where "user", "assistant"
+and newlines are `<unk>` / dropped: harmless, they are constant) and with
+any Hugging Face tokenizer that has InternVL's special tokens.
+
+Arrays (B batch, L seq_len, A answer_len):
+  input_ids       int32 [B, L]
+  attention_mask  bool  [B, L]
+  read_pos        int32 [B]      logits here predict answer token 0
+  answer_ids      int32 [B, A]   (examples only) answer tokens, pad after
+  answer_mask     bool  [B, A]   real answer tokens
+  decision_index  int32 [B]      index in the answer of the yes/no token
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rd_jax.data import tokenizer as tokenizer_lib
+
+USER = f"{tokenizer_lib.IM_START}user\n"
+ASSISTANT = f"{tokenizer_lib.IM_END}\n{tokenizer_lib.IM_START}assistant\n"
+
+
+def _ids(tok, text: str) -> list[int]:
+  return tok.encode(text, add_special_tokens=False)
+
+
+def image_block(tok, num_images: int, tokens_per_image: int) -> list[int]:
+  """`<|im_start|>user\\n` + one `<img><IMG_CONTEXT>*P</img>\\n` per image."""
+  ctx = tok.convert_tokens_to_ids(tokenizer_lib.IMG_CONTEXT)
+  if ctx is None or ctx == tok.unk_token_id:
+    raise ValueError(f"the tokenizer has no {tokenizer_lib.IMG_CONTEXT!r} "
+                     "token; use an InternVL tokenizer (or the ShapesWorld "
+                     "one)")
+  one = (_ids(tok, tokenizer_lib.IMG_START) + [ctx] * tokens_per_image +
+         _ids(tok, f"{tokenizer_lib.IMG_END}\n"))
+  return _ids(tok, USER) + one * num_images
+
+
+def seq_len(tok, num_images: int, tokens_per_image: int, question_len: int,
+            answer_len: int) -> int:
+  """Fixed sequence length for questions of <= question_len tokens."""
+  return (len(image_block(tok, num_images, tokens_per_image)) + question_len
+          + len(_ids(tok, ASSISTANT)) + answer_len)
+
+
+def encode(tok, questions: list[str], answers: list[str] | None = None, *,
+           num_images: int, tokens_per_image: int, question_len: int,
+           answer_len: int = 1, cot: str = "none",
+           yes_no: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """Questions (and, for training, answers) -> fixed-length arrays above.
+
+  Without answers the result is what the reward functions take (compute it
+  once per prompt and reuse it). `cot` says where the decision token is in
+  the answer: first ("none", "decision_first") or last ("reason_first").
+  """
+  head = image_block(tok, num_images, tokens_per_image)
+  tail = _ids(tok, ASSISTANT)
+  length = seq_len(tok, num_images, tokens_per_image, question_len,
+                   answer_len)
+  b = len(questions)
+  out = {"input_ids": np.full((b, length), tok.pad_token_id, np.int32),
+         "attention_mask": np.zeros((b, length), bool),
+         "read_pos": np.zeros((b,), np.int32)}
+  q_ids = tok(list(questions), add_special_tokens=False)["input_ids"]
+  if answers is not None:
+    if len(answers) != b:
+      raise ValueError(f"{b} questions but {len(answers)} answers")
+    yes_no = yes_no or tokenizer_lib.answer_token_ids(tok)
+    a_ids = tok(list(answers), add_special_tokens=False)["input_ids"]
+    out["answer_ids"] = np.full((b, answer_len), tok.pad_token_id, np.int32)
+    out["answer_mask"] = np.zeros((b, answer_len), bool)
+    out["decision_index"] = np.zeros((b,), np.int32)
+  for i, q in enumerate(q_ids):
+    if len(q) > question_len:
+      raise ValueError(
+          f"question of {len(q)} tokens exceeds question_len={question_len}: "
+          f"{questions[i][:80]!r}...; raise config.question_len")
+    prompt = head + q + tail
+    n = len(prompt)
+    out["input_ids"][i, :n] = prompt
+    out["read_pos"][i] = n - 1
+    if answers is not None:
+      a = a_ids[i]
+      if len(a) > answer_len:
+        raise ValueError(
+            f"answer of {len(a)} tokens exceeds answer_len={answer_len}: "
+            f"{answers[i][:80]!r}; raise config.answer_len")
+      hits = [j for j, t in enumerate(a) if t in yes_no]
+      if not hits:
+        raise ValueError(f"answer {answers[i]!r} has no yes/no token")
+      out["decision_index"][i] = hits[-1] if cot == "reason_first" else hits[0]
+      out["input_ids"][i, n:n + len(a)] = a
+      out["answer_ids"][i, :len(a)] = a
+      out["answer_mask"][i, :len(a)] = True
+      n += len(a)
+    out["attention_mask"][i, :n] = True
+  return out
+
+
+def answer_positions(read_pos, answer_len: int):
+  """[B] -> [B, A]: the positions whose logits predict answer tokens 0..A-1."""
+  return read_pos[:, None] + np.arange(answer_len, dtype=np.int32)[None]

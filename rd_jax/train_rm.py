@@ -1,0 +1,294 @@
+r"""Trains a RewardDance reward model on ShapesWorld preference pairs.
+
+  python -m rd_jax.train_rm --config=configs/rm_shapes.py --workdir=/tmp/rm
+
+Paradigms (config.paradigm, DESIGN.md §2.2):
+  pairwise_generative   CE on the answer token; every pair in both orders
+  pointwise_generative  Bradley-Terry on l_yes - l_no + alpha * CE
+  pointwise_regressive  Bradley-Terry on a scalar head
+plus task instructions (config.instruction) and CoT rationales (config.cot,
+LM loss weight config.w_cot). Writes to WORKDIR: config.json, Orbax
+checkpoints (resumed from the latest, data iterator included), TensorBoard
+events, and final_metrics.json:
+
+  acc_id, acc_ood                 preference accuracy (test_id / test_ood)
+  acc_sym_id, acc_sym_ood         pairwise: symmetric-score accuracy
+  acc_by_failure, acc_by_failure_ood   {failure mode: accuracy}
+  ece, ece_ood                    calibration of P(yes)
+  position_consistency(_ood)      pairwise: decision survives swapping
+  steps, wall_s, train_s, params, final_loss
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rd_jax import train_util
+from rd_jax.models import internvl
+from rd_jax.reward import evaluate as rm_eval
+from rd_jax.reward import losses, model, sequences
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+
+# ---------------------------------------------------------------- setup
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  """The ShapesWorld tokenizer (building the data if missing); fills
+  config.rm.yes_id / no_id and checks the vocabulary fits the model."""
+  from rd_jax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
+  # Reuses what exists; builds what is missing (~1.5 min at default scale).
+  pipeline.build(config.data_dir, config.scale, kinds=(config.kind,),
+                 log=logging.info)
+  tok = tokenizer.load(pipeline.tokenizer_dir(config.data_dir))
+  config.rm.yes_id, config.rm.no_id = tokenizer.answer_token_ids(tok)
+  if len(tok) > config.rm.model.text.vocab_size:
+    raise ValueError(
+        f"tokenizer has {len(tok)} tokens but rm.model.text.vocab_size="
+        f"{config.rm.model.text.vocab_size}; raise it with "
+        f"--config.rm.model.text.vocab_size={len(tok)}")
+  return tok
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+  lr = optax.warmup_cosine_decay_schedule(
+      0.0, tc.lr, tc.warmup_steps, max(tc.steps, tc.warmup_steps + 1),
+      end_value=tc.lr * 0.05)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(lr, b2=tc.b2, weight_decay=tc.weight_decay))
+
+
+def init_state(config, rng: jax.Array) -> tuple[dict, optax.GradientTransformation]:
+  """{params, opt, step} and the optimiser."""
+  params = model.init(config.rm, rng)
+  opt = make_optimizer(config.train)
+  return ({"params": params, "opt": opt.init(params),
+           "step": jnp.zeros((), jnp.int32)}, opt)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def augment(aug, rng: jax.Array, chosen: jax.Array, rejected: jax.Array):
+  """uint8 pairs [B, (T,) H, W, 3] -> float [0, 1] pairs, same draw per pair.
+
+  Tint / brightness act on low-saturation (background-like) pixels only, so
+  object colours stay put; zoom-in (prob zoom_prob, factor U[1, zoom])
+  about the centre makes objects larger. Both aim at the OOD shift (tinted
+  background, larger objects).
+  """
+  x = jnp.stack([chosen, rejected], 1).astype(jnp.float32) / 255.0
+  b, h, w = x.shape[0], x.shape[-3], x.shape[-2]
+  k_tint, k_bright, k_zp, k_z = jax.random.split(rng, 4)
+  lead = (b,) + (1,) * (x.ndim - 1)
+  gain = 1 + jax.random.uniform(k_tint, (b, 3), minval=-aug.tint,
+                                maxval=aug.tint)
+  bright = jax.random.uniform(k_bright, (b,), minval=-aug.brightness,
+                              maxval=aug.brightness)
+  sat = x.max(-1, keepdims=True) - x.min(-1, keepdims=True)
+  grey = jnp.clip(1 - 4 * sat, 0, 1)
+  x = x * (1 + (gain.reshape(lead[:-1] + (3,)) - 1) * grey) + (
+      bright.reshape(lead) * grey)
+  zoom = jnp.where(jax.random.bernoulli(k_zp, aug.zoom_prob, (b,)),
+                   jax.random.uniform(k_z, (b,), minval=1.0,
+                                      maxval=aug.zoom), 1.0)
+
+  def zoom_pair(imgs, z):
+    flat = imgs.reshape(-1, h, w, 3)
+    scale = jnp.stack([z, z])
+    shift = jnp.stack([(1 - z) * h / 2, (1 - z) * w / 2])
+    out = jax.vmap(lambda im: jax.image.scale_and_translate(
+        im, (h, w, 3), (0, 1), scale, shift, "linear"))(flat)
+    return out.reshape(imgs.shape)
+
+  x = jnp.clip(jax.vmap(zoom_pair)(x, zoom), 0.0, 1.0)
+  return x[:, 0], x[:, 1]
+
+
+# ---------------------------------------------------------------- train step
+
+
+def loss_fn(config, params, seq: dict, chosen, rejected):
+  """(loss, aux) for one batch of B pairs; seq from
+  evaluate.training_sequences (2B rows)."""
+  rm = config.rm
+  ch = model._per_sequence(rm, chosen)  # pylint: disable=protected-access
+  rej = model._per_sequence(rm, rejected)  # pylint: disable=protected-access
+  b, t = ch.shape[:2]
+  feats = model.embed_images(rm, params, jnp.concatenate([ch, rej], 1))
+  f_ch, f_rej = feats[:, :t], feats[:, t:]
+  pos = sequences.answer_positions(seq["read_pos"], config.answer_len)
+  answers = (seq["answer_ids"], seq["answer_mask"], seq["decision_index"])
+  if config.paradigm == "pairwise_generative":
+    embeds = jnp.concatenate([jnp.concatenate([f_rej, f_ch], 1),
+                              jnp.concatenate([f_ch, f_rej], 1)], 0)
+    logits, _ = model.logits_and_hidden(rm, params, seq, embeds, pos)
+    loss, aux = losses.pairwise_generative_loss(logits, *answers,
+                                                w_cot=config.w_cot)
+    p = model.readout(losses.decision_logits(logits, seq["decision_index"]),
+                      rm.yes_id, rm.no_id)
+    correct = jnp.concatenate([p[:b] > 0.5, p[b:] < 0.5])
+  elif config.paradigm == "pointwise_generative":
+    logits, _ = model.logits_and_hidden(
+        rm, params, seq, jnp.concatenate([f_ch, f_rej], 0), pos)
+    half = lambda x: (x[:b], x[b:])  # noqa: E731
+    (lw, ll) = half(logits)
+    aw, al = zip(*(half(a) for a in answers))
+    loss, aux = losses.pointwise_generative_loss(
+        lw, ll, aw, al, rm.yes_id, rm.no_id, config.alpha, config.w_cot)
+    s = model.margin(losses.decision_logits(logits, seq["decision_index"]),
+                     rm.yes_id, rm.no_id)
+    correct = s[:b] > s[b:]
+  elif config.paradigm == "pointwise_regressive":
+    _, hidden = model.logits_and_hidden(
+        rm, params, seq, jnp.concatenate([f_ch, f_rej], 0),
+        seq["read_pos"][:, None])
+    r = model.regressive_score(params, hidden[:, 0])
+    loss, aux = losses.regressive_loss(r[:b], r[b:])
+    correct = r[:b] > r[b:]
+  else:
+    raise ValueError(f"unknown paradigm {config.paradigm!r}; one of "
+                     f"{rm_eval.PARADIGMS}")
+  return loss, dict(aux, acc=jnp.mean(correct.astype(jnp.float32)))
+
+
+def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
+  """One update; state = {params, opt, step} (donated)."""
+  chosen, rejected = augment(config.augment, rng, batch["chosen"],
+                             batch["rejected"])
+  seq = {k: v for k, v in batch.items() if k not in ("chosen", "rejected")}
+  (loss, aux), grads = jax.value_and_grad(
+      functools.partial(loss_fn, config), has_aux=True)(
+          state["params"], seq, chosen, rejected)
+  updates, opt_state = opt.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new = {"params": params, "opt": opt_state, "step": state["step"] + 1}
+  return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+
+
+def device_batch(config, tok, tpi: int, batch) -> dict:
+  seq = rm_eval.training_sequences(config, tok, tpi, batch)
+  seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
+  return seq
+
+
+# ---------------------------------------------------------------- main loop
+
+
+def evaluate_splits(config, params, tok, score_fn, tpi, splits, max_pairs):
+  out = {}
+  for split in splits:
+    out[split] = rm_eval.evaluate(config, params, tok, score_fn, tpi,
+                                  split=split, max_pairs=max_pairs,
+                                  batch_size=config.eval_batch)
+  return out
+
+
+def final_metrics(evals: dict) -> dict:
+  """Flattens {split: metrics} into final_metrics.json keys."""
+  out = {}
+  for split, suffix in (("test_id", "_id"), ("test_ood", "_ood")):
+    if split not in evals:
+      continue
+    m = evals[split]
+    tail = "" if split == "test_id" else "_ood"
+    out[f"acc{suffix}"] = m["acc"]
+    if "acc_sym" in m:
+      out[f"acc_sym{suffix}"] = m["acc_sym"]
+    out[f"acc_by_failure{tail}"] = m["acc_by_failure"]
+    out[f"ece{tail}"] = m["ece"]
+    out[f"position_consistency{tail}"] = m["position_consistency"]
+    out[f"n{suffix}"] = m["n"]
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict:
+  t0 = time.time()
+  from rd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  tok = load_tokenizer(config)
+  train_util.save_config(workdir, config)
+  writer = train_util.metric_writer(workdir)
+  tpi = internvl.tokens_per_image(config.rm.model)
+  tc = config.train
+
+  rng = jax.random.key(config.seed)
+  k_init, k_train = jax.random.split(rng)
+  state, opt = init_state(config, k_init)
+  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
+      state["params"])))
+  logging.info("reward model %s (%s): %d params, %d tokens per image",
+               config.size, config.paradigm, n_params, tpi)
+
+  data = iter(pipeline.loader(config.data_dir, config.kind, "train",
+                              batch_size=tc.batch_size, seed=config.seed,
+                              scale=config.scale))
+  ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.ckpt_every)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, start = ckpt.restore(jax.tree.map(np.zeros_like, state), data)
+    logging.info("resumed from step %d", start)
+
+  step_fn = jax.jit(functools.partial(train_step, config, opt),
+                    donate_argnums=0)
+  score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
+  progress = train_util.Progress(tc.steps, writer, first_step=start,
+                                 every=config.log_every)
+  metrics, losses_seen = {"loss": jnp.nan}, []
+  t_train = time.time()
+  for step in range(start, tc.steps):
+    batch = device_batch(config, tok, tpi, next(data))
+    state, metrics = step_fn(state, batch, jax.random.fold_in(k_train, step))
+    progress(step + 1, metrics)
+    ckpt.save(step + 1, state, data)
+    if (step + 1) % config.eval_every == 0 and step + 1 < tc.steps:
+      m = rm_eval.evaluate(config, state["params"], tok, score_fn, tpi,
+                           split="test_id", max_pairs=config.eval_pairs,
+                           batch_size=config.eval_batch)
+      writer.write_scalars(step + 1, {"eval/acc_id": m["acc"],
+                                      "eval/ece_id": m["ece"]})
+      logging.info("step %d eval (test_id, %d pairs): acc=%.3f ece=%.3f",
+                   step + 1, m["n"], m["acc"], m["ece"])
+  if start < tc.steps:
+    losses_seen.append(float(metrics["loss"]))
+  train_s = time.time() - t_train
+  if ckpt.latest_step() != tc.steps:
+    ckpt.save(tc.steps, state, data, force=True)
+  ckpt.wait()
+  ckpt.close()
+
+  evals = evaluate_splits(config, state["params"], tok, score_fn, tpi,
+                          ("test_id", "test_ood"), config.final_eval_pairs)
+  out = final_metrics(evals)
+  out.update(steps=int(state["step"]), params=n_params, train_s=train_s,
+             final_loss=losses_seen[-1] if losses_seen else None,
+             paradigm=config.paradigm, size=config.size,
+             wall_s=time.time() - t0)
+  writer.write_scalars(tc.steps, {f"final/{k}": v for k, v in out.items()
+                                  if isinstance(v, float)})
+  writer.flush()
+  train_util.write_json(os.path.join(workdir, "final_metrics.json"), out)
+  logging.info("final metrics: %s", out)
+  return out
+
+
+def main(argv):
+  del argv
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
