@@ -137,12 +137,12 @@ n = internvl.tokens_per_image(cfg)
 ids = jnp.asarray([[10, 1] + [3] * n + [2, 11, 12]] * 4)
 pixels = jax.random.normal(jax.random.key(1), (4, 1, 3, 56, 56))
 fwd = jax.jit(lambda p, i, x: internvl.forward(cfg, p, i, x))
-ref = fwd(params, ids, pixels)
 mesh = sharding.make_mesh((2, 2, 2))
-specs = sharding.mesh_shardings(params, mesh)
-with jax.set_mesh(mesh):
+with jax.set_mesh(mesh):  # first model build happens under the mesh
+  specs = sharding.mesh_shardings(internvl.abstract_params(cfg), mesh)
   sharded = jax.device_put(params, specs)
   out = fwd(sharded, ids, pixels)
+ref = fwd(params, ids, pixels)
 q = sharded["language_model"]["layers"]["attn"]["q"][...]
 print("HEADS_SPEC", q.sharding.spec)
 print("MAXDIFF", float(jnp.abs(out - ref).max()))
@@ -151,7 +151,8 @@ print("MAXDIFF", float(jnp.abs(out - ref).max()))
 
 def test_sharded_forward_on_8_fake_devices():
   """(data, fsdp, tensor) = (2, 2, 2): params really sharded by the logical
-  rules, activations constrained, same logits as one device."""
+  rules, activations constrained, same logits as one device, and building
+  the model for the first time under a mesh works."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -212,11 +212,24 @@ def splice_images(embeds: jax.Array, is_image: jax.Array,
                    embeds)
 
 
+def _abstract(cfg: ml_collections.ConfigDict):
+  """(graphdef, state of ShapeDtypeStructs). jax.eval_shape, not
+  nnx.eval_shape: the latter turns logical names into mesh axes when called
+  under a mesh (e.g. on the first traced call inside `jax.set_mesh`)."""
+  graph = []
+
+  def build():
+    g, state = nnx.split(InternVL(cfg, nnx.Rngs(0)))
+    graph.append(g)
+    return state
+
+  state = jax.eval_shape(build)
+  return graph[0], state
+
+
 @functools.lru_cache(maxsize=32)
 def _graphdef_from_json(cfg_json: str):
-  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
-  model = nnx.eval_shape(lambda: InternVL(cfg, nnx.Rngs(0)))
-  return nnx.split(model)[0]
+  return _abstract(ml_collections.ConfigDict(json.loads(cfg_json)))[0]
 
 
 def graphdef(cfg: ml_collections.ConfigDict):
@@ -225,13 +238,15 @@ def graphdef(cfg: ml_collections.ConfigDict):
 
 
 def init(cfg: ml_collections.ConfigDict, rng: jax.Array) -> nnx.State:
-  """Random params (HF-style init) as an nnx.State; call outside jit."""
+  """Random params (HF-style init) as an nnx.State. Jit-able; for sharded
+  init use out_shardings=sharding.mesh_shardings(abstract_params(cfg), mesh).
+  """
   return nnx.split(InternVL(cfg, nnx.Rngs(params=rng)))[1]
 
 
 def abstract_params(cfg: ml_collections.ConfigDict) -> nnx.State:
   """Params as ShapeDtypeStructs (with logical names); no memory used."""
-  return nnx.split(nnx.eval_shape(lambda: InternVL(cfg, nnx.Rngs(0))))[1]
+  return _abstract(cfg)[1]
 
 
 def param_count(cfg: ml_collections.ConfigDict) -> int:
