@@ -10,14 +10,26 @@ Logical names used across rd_jax:
   params:      embed, mlp, heads, kv_heads, head_dim, vocab, layers, patch,
                channels, conv_in, conv_out, norm, kernel_h, kernel_w
   activations: act_batch, act_len, act_embed, act_heads, act_mlp, act_vocab
+
+Scale-out in one place (DESIGN.md §4, §6):
+  make_mesh / mesh_from_config   the one mesh builder (ICI sizes, -1 = fill;
+                                 DCN sizes for multi-slice)
+  rules_from_config              the rules table of a config
+  tree_shardings                 NamedShardings for any state pytree (params,
+                                 optimiser moments, EMA) from logical names
+  init_sharded                   jit-initialise a state directly sharded
+  global_batch                   process-local batches -> global jax.Arrays
+  initialize_distributed         jax.distributed from env / config
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -59,19 +71,22 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
 
 def logical_to_mesh(spec: Sequence[str | None] | None,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
-                    mesh: Mesh | None = None) -> P:
+                    mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> P:
   """Maps a logical PartitionSpec to a mesh PartitionSpec under `rules`.
 
   A mesh axis is used at most once per spec (first dimension wins), and mesh
   axes of size 1 or absent from `mesh` are dropped, so the same rules serve any
-  mesh shape.
+  mesh shape. With `shape` (and a mesh), a dimension keeps only the leading
+  mesh axes whose sizes divide it (e.g. 14 heads stay whole on tensor=4), so
+  every real config shards without padding.
   """
   if spec is None:
     return P()
   table = dict(rules)
   used: set[str] = set()
   out = []
-  for name in spec:
+  for i, name in enumerate(spec):
     target = table.get(name) if name is not None else None
     if name is not None and name not in table:
       raise KeyError(f"logical axis {name!r} has no rule; add it to the "
@@ -79,6 +94,14 @@ def logical_to_mesh(spec: Sequence[str | None] | None,
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     keep = tuple(a for a in axes if a not in used and
                  (mesh is None or mesh.shape.get(a, 1) > 1))
+    if shape is not None and mesh is not None:
+      fit, size = [], 1
+      for a in keep:
+        if shape[i] % (size * mesh.shape[a]):
+          break
+        fit.append(a)
+        size *= mesh.shape[a]
+      keep = tuple(fit)
     used.update(keep)
     out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
   return P(*out)
@@ -98,31 +121,207 @@ def mesh_shardings(state: Any, mesh: Mesh,
       specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1),
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The one mesh builder: (data, fsdp, tensor) sizes, -1 = fill the rest."""
-  devices = list(devices if devices is not None else jax.devices())
+def _fill(shape: Sequence[int], n: int, what: str) -> list[int]:
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} "
+    raise ValueError(f"{what} shape {tuple(shape)} must have {len(MESH_AXES)} "
                      f"entries for axes {MESH_AXES}")
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    raise ValueError(f"{what} shape {tuple(shape)}: at most one axis may be -1")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
-    if len(devices) % known:
+    if n % known:
       raise ValueError(
-          f"mesh shape {tuple(shape)} does not divide the {len(devices)} "
-          f"devices; choose sizes whose product divides {len(devices)}")
-    shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
+          f"{what} shape {tuple(shape)} does not divide the {n} devices; "
+          f"choose sizes whose product divides {n}")
+    shape[shape.index(-1)] = n // known
+  if int(np.prod(shape)) != n:
     raise ValueError(
-        f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices but "
-        f"{len(devices)} are available; make the product equal "
-        f"{len(devices)} or use -1 for one axis")
-  arr = np.asarray(devices).reshape(shape)
+        f"{what} shape {tuple(shape)} needs {int(np.prod(shape))} devices but "
+        f"{n} are available; make the product equal {n} or use -1 for one "
+        f"axis")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1),
+              devices: Sequence[jax.Device] | None = None,
+              dcn_shape: Sequence[int] | None = None) -> Mesh:
+  """The one mesh builder: (data, fsdp, tensor) sizes, -1 = fill the rest.
+
+  `shape` is per slice (ICI); `dcn_shape` (default all 1) multiplies it across
+  slices (multi-slice over the data-centre network; -1 = fill with the
+  remaining slices), so the mesh's axis sizes are shape * dcn_shape. Put only
+  `data` (or `fsdp` at most) on DCN: it is ~10x slower than ICI. TPU devices
+  are laid out along the physical torus (mesh_utils); other devices in order.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  dcn = _fill(dcn_shape or (1,) * len(MESH_AXES), n_slices, "dcn mesh")
+  ici = _fill(shape, len(devices) // n_slices if n_slices > 1 else
+              len(devices), "mesh")
+  if n_slices > 1:
+    arr = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, allow_split_physical_axes=True)
+  elif devices[0].platform == "tpu":
+    arr = mesh_utils.create_device_mesh(ici, devices,
+                                        allow_split_physical_axes=True)
+  else:
+    arr = np.asarray(devices).reshape(ici)
   return Mesh(arr, MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(config: Any,
+                     devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh from `config.mesh` (keys `shape`, optional `dcn_shape`); a config
+  without `mesh` gets pure data parallelism (-1, 1, 1)."""
+  m = config.get("mesh") if hasattr(config, "get") else None
+  if m is None:
+    return make_mesh((-1, 1, 1), devices)
+  return make_mesh(tuple(m.shape), devices,
+                   tuple(m.dcn_shape) if m.get("dcn_shape") else None)
+
+
+def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
+  """`config.sharding_rules` ((logical, mesh axes) pairs; entries override
+  the defaults by name), else DEFAULT_RULES."""
+  extra = config.get("sharding_rules") if hasattr(config, "get") else None
+  if not extra:
+    return DEFAULT_RULES
+  table = dict(DEFAULT_RULES)
+  table.update({k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in extra})
+  return tuple(table.items())
+
+
+# ---------------------------------------------------------------- state
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _norm_path(path) -> tuple[str, ...]:
+  """Key path -> names, without the `.value` of nnx Variables."""
+  names = tuple(_key_name(k) for k in path)
+  return names[:-1] if names and names[-1] == "value" else names
+
+
+def _logical_table(tree: Any) -> dict[tuple[str, ...], tuple]:
+  """{path: logical names} from nnx Variables (their out_sharding names) or
+  PartitionSpec leaves of `tree`."""
+  is_leaf = lambda x: isinstance(x, (nnx.Variable, P))  # noqa: E731
+  table = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_leaf)[0]:
+    if isinstance(leaf, P):
+      names = tuple(leaf)
+    elif isinstance(leaf, nnx.Variable):
+      meta = leaf.get_metadata()
+      names = meta.get("out_sharding") or meta.get("sharding_names")
+    else:
+      names = None
+    if names is not None:
+      table[_norm_path(path)] = tuple(names)
+  return table
+
+
+def tree_logical_specs(state: Any, logical: Any = None) -> Any:
+  """Logical names (tuple, or None = replicated) for every array of `state`.
+
+  Names come from the state's own nnx Variables or from `logical` (a pytree
+  of PartitionSpecs / Variables, e.g. a model's `logical_specs(cfg)`), matched
+  by the longest key-path suffix with the same rank: optimiser moments
+  (`opt/.../mu/<param path>`) and EMA copies inherit their parameter's names.
+  """
+  table = _logical_table(logical) if logical is not None else {}
+  table.update(_logical_table(state))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  out = []
+  for path, x in leaves:
+    p, names = _norm_path(path), None
+    for i in range(len(p)):
+      hit = table.get(p[i:])
+      if hit is not None and len(hit) == len(np.shape(x)):
+        names = hit
+        break
+    out.append(names)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_shardings(state: Any, mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   logical: Any = None) -> Any:
+  """NamedShardings for every array of `state` (see tree_logical_specs);
+  unnamed arrays (step counters, scalars) are replicated."""
+  names = tree_logical_specs(state, logical)
+  return jax.tree.map(
+      lambda x, n: NamedSharding(
+          mesh, logical_to_mesh(n, rules, mesh, np.shape(x))),
+      state, names, is_leaf=lambda x: x is None)
+
+
+def abstract_with_shardings(state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying shardings (for `.lower(...)`)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+      state, shardings)
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                 logical: Any = None) -> tuple[Any, Any]:
+  """(state, shardings): `init_fn()` run under jit with sharded outputs, so
+  no host ever holds the full state (every process calls this alike)."""
+  shardings = tree_shardings(jax.eval_shape(init_fn), mesh, rules, logical)
+  with jax.set_mesh(mesh):
+    return jax.jit(init_fn, out_shardings=shardings)(), shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+                   ) -> NamedSharding:
+  """Leading (batch) dim over the `act_batch` mesh axes; the rest whole."""
+  return NamedSharding(mesh, logical_to_mesh(
+      ("act_batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def global_batch(local: Any, mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  """Process-local batch (numpy, leading dim = this process's rows) -> global
+  jax.Arrays sharded over the batch axes. Each process passes its own rows
+  (grain's per-process shard); one process passes the whole batch."""
+  def put(x):
+    x = np.asarray(x)
+    s = batch_sharding(mesh, x.ndim, rules)
+    return jax.make_array_from_process_local_data(s, x)
+  return jax.tree.map(put, local)
+
+
+def initialize_distributed(config: Any = None) -> None:
+  """`jax.distributed.initialize` for multi-process runs.
+
+  On Cloud TPU VMs / GKE (xpk) the arguments are auto-detected: set
+  RD_JAX_DISTRIBUTED=1 (the launch/ scripts do). Elsewhere (e.g. CPU
+  processes on one machine) give RD_JAX_COORDINATOR=host:port,
+  RD_JAX_NUM_PROCESSES and RD_JAX_PROCESS_ID, or the same keys under
+  `config.distributed` (coordinator, num_processes, process_id). A single
+  process with none of these does nothing.
+  """
+  d = config.get("distributed") if hasattr(config, "get") else None
+  coord = os.environ.get("RD_JAX_COORDINATOR") or (d and d.get("coordinator"))
+  if coord:
+    num = int(os.environ.get("RD_JAX_NUM_PROCESSES") or d.num_processes)
+    pid = int(os.environ.get("RD_JAX_PROCESS_ID") or d.process_id)
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      # CPU processes exchange collectives over gloo (TCP).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coord, num_processes=num, process_id=pid)
+  elif os.environ.get("RD_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
 
 
 def shard_activation(x: jax.Array, names: Sequence[str | None],

@@ -1,0 +1,563 @@
+r"""Compile a job's real step for a TPU topology on this (CPU) machine.
+
+  python -m rd_jax.aot --config=configs/rm_shapes.py:size=26b \
+      --topology=v5p-128 --remat=full --out=/tmp/aot_rm26b.json
+  python -m rd_jax.aot --config=configs/generator_shapes.py:size=flux_dev \
+      --topology=v5p-64
+  python -m rd_jax.aot --job=refl \
+      --config=configs/generator_shapes.py:size=flux_dev \
+      --rm_config=configs/rm_shapes.py:size=8b --topology=v5p-128
+
+Needs `libtpu` (jax[tpu]); runs with JAX_PLATFORMS=cpu: the TPU devices are
+compile-only (`jax.experimental.topologies`), nothing executes. Prints and
+writes (--out) JSON with, per chip: argument / output / temp / alias bytes,
+the total against HBM and whether it fits; HLO FLOPs per step (per chip);
+model FLOPs (6·N·tokens for the trained parameters, 2·N·tokens for frozen
+forward passes: the standard MFU numerator, remat recompute excluded); the
+step time XLA's cost model implies (roofline: max(HLO FLOPs / peak, HBM
+bytes accessed / bandwidth)) and the MFU that implies. This is an optimistic
+estimate (perfect overlap, no collectives cost), useful to compare configs,
+not a measured MFU. When the program does not fit, the message names the
+mesh / remat / batch change to try.
+
+Jobs (auto from the config; --job to force):
+  rm         train_rm.train_step (the real RM update; InternVL 1B..26B)
+  generator  train_generator.train_step; for `size=flux_dev` (external T5 /
+             CLIP encoders) the same flow-matching + AdamW + EMA update on
+             latents with precomputed text states (train_generator encodes
+             prompt ids itself; see README "Scale-out")
+  refl       one ReFL update (DESIGN.md §2.4): K-step Euler sampling without
+             gradient to step k, x̂0 at step k with gradient, Flux VAE decode,
+             pairwise reward against a reference image, relu(λ − r) loss,
+             AdamW on the generator only. The ReFL trainer replaces this step
+             with its own when it lands.
+
+Topologies: v5p-{8..1024}, v5e-{4..256}, v6e-{4..256} (the Cloud TPU
+names: v5p counts TensorCores, 2 per chip; v5e/v6e count chips); prefix
+`Nx` for N slices over DCN (e.g. 2xv5p-256, with --dcn=-1,1,1).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rd_jax import sharding
+
+# Flags live on their own FlagValues: the trainers this module compiles
+# define --config/--workdir on the global absl FLAGS when imported.
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", None, "job config file",
+                                          flag_values=FLAGS)
+_RM_CONFIG = config_flags.DEFINE_config_file(
+    "rm_config", "configs/rm_shapes.py:size=8b", "reward model (job=refl)",
+    flag_values=FLAGS)
+_JOB = flags.DEFINE_enum("job", "auto", ["auto", "rm", "generator", "refl"],
+                         "which step to compile", flag_values=FLAGS)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU topology name",
+                                flag_values=FLAGS)
+_MESH = flags.DEFINE_string("mesh", "1,-1,1", "ICI mesh (data,fsdp,tensor)",
+                            flag_values=FLAGS)
+_DCN = flags.DEFINE_string("dcn", "", "DCN mesh for multi-slice, e.g. "
+                           "-1,1,1", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer(
+    "batch", 0, "global batch (RM: pairs; generator/ReFL: samples); "
+    "0 = one per chip", flag_values=FLAGS)
+_REMAT = flags.DEFINE_string("remat", "", "override the model's remat policy "
+                             "(none|full|dots|dots_no_batch)",
+                             flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "", "write the JSON report here",
+                           flag_values=FLAGS)
+_HLO_OUT = flags.DEFINE_string("hlo_out", "", "write the optimised HLO here",
+                               flag_values=FLAGS)
+
+# ---------------------------------------------------------------- topologies
+
+# Cloud TPU name -> (get_topology_desc name, chip config, chips per host).
+# v5p-N counts TensorCores (megacore: 2 per chip, one device per chip).
+_V5P = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4",
+        256: "4x4x8", 512: "4x8x8", 1024: "8x8x8", 2048: "8x8x16"}
+_LITE = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+         256: "16x16"}
+# Per chip: peak bf16 FLOP/s, HBM bytes, HBM bandwidth (bytes/s).
+CHIPS = {
+    "v5p": dict(peak=459e12, hbm=95 * 2**30, hbm_bw=2.765e12),
+    "v5e": dict(peak=197e12, hbm=16e9, hbm_bw=0.819e12),
+    "v6e": dict(peak=918e12, hbm=32e9, hbm_bw=1.64e12),
+}
+
+
+def topology_names() -> list[str]:
+  return ([f"v5p-{n}" for n in _V5P] + [f"v5e-{n}" for n in _LITE] +
+          [f"v6e-{n}" for n in _LITE])
+
+
+def parse_topology(name: str) -> dict:
+  """'v5p-128' / '2xv5e-256' -> get_topology_desc kwargs + chip facts."""
+  slices, _, base = name.rpartition("x") if "xv" in name else ("1", "", name)
+  slices = int(slices or 1)
+  kind, _, n = base.partition("-")
+  table = _V5P if kind == "v5p" else _LITE if kind in ("v5e", "v6e") else {}
+  if not n.isdigit() or int(n) not in table:
+    raise ValueError(f"unknown topology {name!r}; one of {topology_names()} "
+                     f"(optionally 'Nx' in front for N slices)")
+  dims = table[int(n)]
+  sizes = [int(d) for d in dims.split("x")]
+  if kind == "v5p":
+    # Full 3-D torus (wraparound) from 4x4x4 up; smaller slices are meshes.
+    wrap = tuple(min(sizes) >= 4 and s >= 4 for s in sizes)
+    args = dict(topology_name=f"v5:{dims}", chip_config_name="megacore",
+                chips_per_host_bounds=(2, 2, 1), wrap=wrap)
+  else:
+    wrap = tuple(s >= 16 for s in sizes) + (False,)
+    args = dict(topology_name=f"{kind}:{dims}", chip_config_name="default",
+                chips_per_host_bounds=(2, 2, 1), wrap=wrap)
+  return dict(args=dict(args, num_slices=slices), kind=kind, slices=slices,
+              chips=slices * math.prod(sizes), **CHIPS[kind])
+
+
+def topology_devices(name: str) -> tuple[list, dict]:
+  """Compile-only TPU devices of a topology (needs libtpu; any host)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu takes a machine-wide lock; other processes on this machine may
+  # hold it while only compiling, which is safe to share.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  info = parse_topology(name)
+  topo = topologies.get_topology_desc(platform="tpu", **info["args"])
+  return list(topo.devices), info
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def _ints(s: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in s.split(",")) if s else ()
+
+
+def _set_remat(model_cfg, remat: str) -> None:
+  if remat:
+    model_cfg.remat = remat
+
+
+class Job:
+  """A step function with its abstract inputs.
+
+  fn(state, *rest) -> (state, metrics); state is donated. `state` and `rest`
+  are pytrees of ShapeDtypeStructs; `logical` names their parameters;
+  `model_flops` is the MFU numerator per step (whole batch).
+  """
+
+  def __init__(self, fn, state, rest, logical=None, model_flops=0.0,
+               describe="", param_args=(), remat=""):
+    self.fn, self.state, self.rest, self.remat = fn, state, rest, remat
+    self.param_args = param_args  # indices of `rest` that are parameters
+    self.logical, self.model_flops, self.describe = (logical, model_flops,
+                                                     describe)
+
+
+def _n_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _abstract_key():
+  return jax.eval_shape(lambda: jax.random.key(0))
+
+
+def rm_seq_len(config) -> tuple[int, int]:
+  """(images per sequence, padded sequence length) of a real-size RM batch:
+  per image <img> + tokens_per_image + </img>\\n, the chat frame, question
+  and answer (rd_jax.reward.sequences layout), rounded up to 128."""
+  from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
+  from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
+  n_img = rm_eval.num_images(config)
+  tpi = internvl.tokens_per_image(config.rm.model)
+  raw = 4 + n_img * (tpi + 3) + config.question_len + 8 + config.answer_len
+  return n_img, -(-raw // 128) * 128
+
+
+def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
+                    mult: float) -> float:
+  """mult·(N_vit·vision tokens + N_llm·LLM tokens) (+ attention scores)."""
+  from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
+  params = internvl.abstract_params(model_cfg)
+  n_vit = _n_params(params["vision"]) + _n_params(params["projector"])
+  n_llm = _n_params(params["language_model"])
+  v, t = model_cfg.vision, model_cfg.text
+  vit_tok = (v.image_size // v.patch_size) ** 2 + 1
+  dense = n_vit * n_images * vit_tok + n_llm * rows * seq
+  attn = (2 * v.num_layers * v.hidden_size * vit_tok**2 * n_images +
+          2 * t.num_layers * t.num_heads * t.head_dim * seq**2 * rows)
+  return mult * (dense + attn)
+
+
+def rm_job(config, batch: int) -> Job:
+  """The reward-model update of rd_jax.train_rm at config's (real) size."""
+  from rd_jax import train_rm  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  _set_remat(config.rm.model, _REMAT.value)
+  if config.rm.yes_id < 0:  # filled from the tokenizer at train time
+    config.rm.yes_id, config.rm.no_id = 0, 1
+  opt = train_rm.make_optimizer(config.train)
+  state = jax.eval_shape(
+      lambda: train_rm.init_state(config, jax.random.key(0))[0])
+  n_img, seq = rm_seq_len(config)
+  rows = 2 * batch
+  s = config.rm.model.vision.image_size
+  frames = config.rm.get("frames")
+  img = (batch,) + ((frames,) if frames else ()) + (s, s, 3)
+  i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
+  b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
+  a = config.answer_len
+  data = {"input_ids": i32(rows, seq), "attention_mask": b(rows, seq),
+          "read_pos": i32(rows), "answer_ids": i32(rows, a),
+          "answer_mask": b(rows, a), "decision_index": i32(rows),
+          "chosen": jax.ShapeDtypeStruct(img, jnp.uint8),
+          "rejected": jax.ShapeDtypeStruct(img, jnp.uint8)}
+  fn = functools.partial(train_rm.train_step, config, opt)
+  images = 2 * batch * (frames or 1)  # every image is encoded once
+  flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0)
+  return Job(fn, state, (data, _abstract_key()), model_flops=flops,
+             remat=config.rm.model.remat,
+             describe=f"RM {config.size} {config.paradigm}: {batch} pairs "
+             f"({rows} sequences x {seq} tokens, {n_img} images each)")
+
+
+def _text_cond_abstract(dit_cfg, batch: int, txt_len: int):
+  from rd_jax.models.text_encoder import TextCond  # pylint: disable=g-import-not-at-top
+  return TextCond(
+      jax.ShapeDtypeStruct((batch, txt_len, dit_cfg.joint_attention_dim),
+                           jnp.bfloat16),
+      jax.ShapeDtypeStruct((batch, txt_len), jnp.bool_),
+      jax.ShapeDtypeStruct((batch, dit_cfg.pooled_projection_dim),
+                           jnp.bfloat16))
+
+
+def _dit_tokens(st) -> int:
+  m = st.model
+  side = st.resolution // (8 if m.space == "latent" else 1)
+  return (side // m.dit.patch_size) ** 2 * max(st.frames, 1)
+
+
+def latent_sft_step(st, opt, state: dict, batch: dict, rng: jax.Array):
+  """Flow-matching update on latents with precomputed text states (the
+  real-size generator, whose T5/CLIP encoders run outside the step)."""
+  from rd_jax import train_util  # pylint: disable=g-import-not-at-top
+  from rd_jax.generation import flow  # pylint: disable=g-import-not-at-top
+  from rd_jax.models import generator  # pylint: disable=g-import-not-at-top
+  cfg = st.model
+
+  def loss_fn(params):
+    loss, _ = flow.flow_matching_loss(
+        generator.velocity_fn(cfg, guidance=1.0), params, batch["latents"],
+        batch["cond"], rng, t_sampling=st.t_sampling, shift=st.train_shift)
+    return loss
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  updates, opt_state = opt.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  ema = train_util.ema_update(state["ema"], params, state["step"],
+                              st.ema_decay)
+  return ({"params": params, "opt": opt_state, "ema": ema,
+           "step": state["step"] + 1},
+          {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+
+def generator_job(config, batch: int) -> Job:
+  from rd_jax import train_generator  # pylint: disable=g-import-not-at-top
+  from rd_jax.models import generator  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  st = config[config.stages[0]]
+  _set_remat(st.model.dit, _REMAT.value)
+  opt = train_generator.make_optimizer(st)
+
+  def init():
+    params = generator.init(st.model, jax.random.key(0))
+    return {"params": params, "opt": opt.init(params),
+            "ema": jax.tree.map(jnp.copy, params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  state = jax.eval_shape(init)
+  logical = {"params": generator.logical_specs(st.model)}
+  r, n_dit = st.resolution, generator.param_count(st.model)["dit"]
+  tokens = _dit_tokens(st)
+  if st.model.text is None:
+    txt_len = 512
+    side = r // 8
+    data = {"latents": jax.ShapeDtypeStruct(
+                (batch, side, side, st.model.dit.channels), jnp.float32),
+            "cond": _text_cond_abstract(st.model.dit, batch, txt_len)}
+    fn = functools.partial(latent_sft_step, st, opt)
+  else:
+    txt_len = st.model.text.max_len
+    img = (batch,) + ((st.frames,) if st.frames else ()) + (64, 64, 3)
+    data = {"chosen": jax.ShapeDtypeStruct(img, jnp.uint8),
+            "prompt_ids": jax.ShapeDtypeStruct((batch, txt_len), jnp.int32),
+            "prompt_mask": jax.ShapeDtypeStruct((batch, txt_len), jnp.bool_)}
+    fn = functools.partial(train_generator.train_step, st, opt)
+  flops = 6.0 * n_dit * batch * (tokens + txt_len)
+  return Job(fn, state, (data, _abstract_key()), logical, flops,
+             remat=st.model.dit.remat, describe=f"generator SFT {r}px: {batch} samples x {tokens} image + "
+             f"{txt_len} text tokens")
+
+
+def refl_step(gcfg, rm_config, refl, opt, state: dict, frozen: dict,
+              batch: dict, rng: jax.Array):
+  """One ReFL update (DESIGN.md §2.4) with a static step index k."""
+  from rd_jax.generation import flow  # pylint: disable=g-import-not-at-top
+  from rd_jax.models import generator, vae  # pylint: disable=g-import-not-at-top
+  from rd_jax.reward import model as rm_model  # pylint: disable=g-import-not-at-top
+  del rng
+  vel = generator.velocity_fn(gcfg, guidance=refl.guidance)
+  ts = flow.timesteps(flow.Schedule(refl.steps, refl.shift))
+  b = batch["noise"].shape[0]
+  frozen_gen = jax.lax.stop_gradient(state["params"])
+
+  def euler(x, t):
+    t, t_next = t
+    v = vel(frozen_gen, x, jnp.full((b,), t, x.dtype), batch["cond"])
+    return x + (t_next - t) * v, None
+
+  x_k, _ = jax.lax.scan(euler, batch["noise"],
+                        (ts[:refl.k], ts[1:refl.k + 1]))
+  x_k = jax.lax.stop_gradient(x_k)
+
+  def loss_fn(params):
+    t = jnp.full((b,), ts[refl.k], x_k.dtype)
+    x0 = flow.x0_from_v(x_k, t, vel(params, x_k, t, batch["cond"]))
+    img = vae.decode(gcfg.vae, frozen["vae"], x0.astype(jnp.bfloat16))
+    img = jnp.clip((img.astype(jnp.float32) + 1) / 2, 0, 1)
+    r = rm_model.pairwise_reward(rm_config.rm, frozen["rm"],
+                                 batch["reference"], img, batch["question"])
+    return jnp.mean(jax.nn.relu(refl.lam - r)) * refl.scale, r
+
+  (loss, r), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"])
+  updates, opt_state = opt.update(grads, state["opt"], state["params"])
+  return ({"params": optax.apply_updates(state["params"], updates),
+           "opt": opt_state, "step": state["step"] + 1},
+          {"loss": loss, "reward": jnp.mean(r)})
+
+
+def refl_job(config, rm_config, batch: int) -> Job:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from rd_jax import train_generator  # pylint: disable=g-import-not-at-top
+  from rd_jax.models import generator, vae  # pylint: disable=g-import-not-at-top
+  from rd_jax.reward import model as rm_model  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  rm_config = rm_config.copy_and_resolve_references()
+  st = config[config.stages[0]]
+  if st.model.text is not None or st.model.get("vae") is None:
+    raise ValueError("job=refl compiles the latent (real-size) generator; "
+                     "use --config=configs/generator_shapes.py:size=flux_dev")
+  _set_remat(st.model.dit, _REMAT.value)
+  # Frozen models are held in bf16 (no optimiser, no master copy needed).
+  rm_config.rm.model.param_dtype = "bfloat16"
+  rm_config.rm.model.remat = _REMAT.value or "full"
+  rm_config.rm.yes_id, rm_config.rm.no_id = 0, 1
+  # Flux-dev sampling: 28 steps; k uniform in the late window [20, 27];
+  # compiled at the window's middle (cost grows ~1 forward pass per step).
+  refl = ml_collections.ConfigDict(dict(steps=28, k=24, shift=3.0,
+                                        guidance=3.5, lam=1.0, scale=1.0))
+  opt = train_generator.make_optimizer(st)
+
+  def init():
+    params = generator.init(st.model, jax.random.key(0))
+    return {"params": params, "opt": opt.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  state = jax.eval_shape(init)
+  frozen = jax.eval_shape(lambda: {
+      "vae": jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                          vae.init(st.model.vae, jax.random.key(1))),
+      "rm": rm_model.init(rm_config.rm, jax.random.key(2))})
+  logical = {"params": generator.logical_specs(st.model),
+             "vae": vae.logical_specs(st.model.vae)}
+  side = st.resolution // 8
+  _, seq = rm_seq_len(rm_config)
+  s = rm_config.rm.model.vision.image_size
+  i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
+  data = {
+      "noise": jax.ShapeDtypeStruct((batch, side, side, st.model.dit.channels),
+                                    jnp.float32),
+      "cond": _text_cond_abstract(st.model.dit, batch, 512),
+      "reference": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+      "question": {"input_ids": i32(batch, seq),
+                   "attention_mask": jax.ShapeDtypeStruct((batch, seq),
+                                                          jnp.bool_),
+                   "read_pos": i32(batch)}}
+  n_dit = generator.param_count(st.model)["dit"]
+  tokens = _dit_tokens(st) + 512
+  flops = (2.0 * n_dit * tokens * batch * refl.k      # frozen sampling
+           + 6.0 * n_dit * tokens * batch             # step k, with grad
+           + _internvl_flops(rm_config.rm.model, 2 * batch, batch, seq, 4.0))
+  fn = functools.partial(refl_step, st.model, rm_config, refl, opt)
+  return Job(fn, state, (frozen, data, _abstract_key()), logical, flops,
+             param_args=(0,), remat=st.model.dit.remat, describe=f"ReFL flux_dev {st.resolution}px + RM {rm_config.size}: "
+             f"{batch} samples, {refl.steps} steps, grad at k={refl.k}")
+
+
+def make_job(config, job: str, batch: int) -> Job:
+  if job == "auto":
+    job = ("rm" if "rm" in config else "generator" if "stages" in config
+           else "")
+  if job == "rm":
+    return rm_job(config, batch)
+  if job == "generator":
+    return generator_job(config, batch)
+  if job == "refl":
+    return refl_job(config, _RM_CONFIG.value, batch)
+  raise ValueError("cannot tell the job from the config; pass --job=rm|"
+                   "generator|refl")
+
+
+# ---------------------------------------------------------------- compile
+
+
+def _gib(x: float) -> float:
+  return round(x / 2**30, 3)
+
+
+def _advice(report: dict, mesh_shape) -> str:
+  """What to change when a program does not fit (or barely fits)."""
+  data, fsdp, tensor = mesh_shape
+  tips = []
+  if report.get("remat") in ("none", "dots", "dots_no_batch", None):
+    tips.append("--remat=full (recompute activations in the backward pass)")
+  if data > 1:
+    tips.append(f"--mesh=1,{data * fsdp},{tensor} (shard parameters and "
+                "optimiser state over every chip instead of replicating "
+                "them over data)")
+  if report["temp_gib"] > report["argument_gib"] and report["batch"] > 1:
+    tips.append(f"--batch={max(report['batch'] // 2, 1)} (activations "
+                "dominate; halve the batch and accumulate gradients)")
+  tips.append("a larger topology (parameters + optimiser state shrink "
+              "linearly with the fsdp axis)")
+  return "; or ".join(tips)
+
+
+def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
+                rules=sharding.DEFAULT_RULES) -> tuple[dict, Any]:
+  """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
+  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
+  state_sh = sharding.tree_shardings(job.state, mesh, rules, job.logical)
+  div = _batch_div(mesh, rules)
+
+  def batch_sh(x):
+    if x.ndim and x.shape[0] % div == 0:
+      return sharding.batch_sharding(mesh, x.ndim, rules)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  # Parameter trees (frozen models) by logical names; batches over act_batch.
+  rest_sh = [sharding.tree_shardings(r, mesh, rules, job.logical)
+             if i in job.param_args else jax.tree.map(batch_sh, r)
+             for i, r in enumerate(job.rest)]
+  args = [sharding.abstract_with_shardings(job.state, state_sh)] + [
+      sharding.abstract_with_shardings(r, s)
+      for r, s in zip(job.rest, rest_sh)]
+  n_chips = mesh.devices.size
+  report = dict(topology=info["name"], chips=n_chips,
+                mesh=dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
+                describe=job.describe,
+                params=_n_params(job.state["params"]))
+  t0 = time.time()
+  # Trace once without a mesh first: the models build (and cache) their NNX
+  # graph definitions lazily with nnx.eval_shape, which under an active mesh
+  # would try to resolve the logical names as mesh axes.
+  jax.eval_shape(job.fn, job.state, *job.rest)
+  try:
+    with jax.set_mesh(mesh):
+      lowered = jax.jit(job.fn, donate_argnums=0,
+                        out_shardings=(state_sh, None)).lower(*args)
+      compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "HBM" not in msg:
+      raise
+    report.update(fits=False, compile_s=round(time.time() - t0, 1),
+                  error=msg.splitlines()[0][:400])
+    return report, None
+  report["compile_s"] = round(time.time() - t0, 1)
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+           mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  bytes_acc = float(cost.get("bytes accessed", 0.0))
+  t_est = max(flops / info["peak"], bytes_acc / info["hbm_bw"])
+  report.update(
+      argument_gib=_gib(mem.argument_size_in_bytes),
+      output_gib=_gib(mem.output_size_in_bytes),
+      temp_gib=_gib(mem.temp_size_in_bytes),
+      alias_gib=_gib(mem.alias_size_in_bytes),
+      total_gib=_gib(total), hbm_gib=_gib(info["hbm"]),
+      hbm_used=round(total / info["hbm"], 3),
+      fits=bool(total <= info["hbm"]),
+      hlo_flops_per_chip=flops, hlo_bytes_per_chip=bytes_acc,
+      model_flops=job.model_flops,
+      est_step_s=t_est,
+      est_mfu=(round(job.model_flops / (n_chips * info["peak"] * t_est), 3)
+               if t_est else None))
+  return report, compiled
+
+
+def _batch_div(mesh, rules) -> int:
+  spec = sharding.logical_to_mesh(("act_batch",), rules, mesh)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,
+        batch: int = 0) -> dict:
+  devices, info = topology_devices(topology)
+  info["name"] = topology
+  batch = batch or info["chips"]
+  job = make_job(config, job_name, batch)
+  rules = sharding.rules_from_config(config)
+  report, compiled = compile_job(job, devices, info, mesh_shape, dcn_shape,
+                                 rules)
+  if compiled is not None and _HLO_OUT.value:
+    with open(_HLO_OUT.value, "w") as f:
+      f.write(compiled.as_text())
+  report.update(batch=batch, remat=job.remat)
+  if not report["fits"]:
+    report["advice"] = _advice(dict(report, temp_gib=report.get(
+        "temp_gib", 1.0), argument_gib=report.get("argument_gib", 0.0)),
+                               tuple(report["mesh"].values()))
+  return report
+
+
+def main(argv) -> dict:
+  FLAGS(argv)
+  if not FLAGS.is_parsed() or _CONFIG.value is None:
+    raise app.UsageError("--config is required")
+  flags.FLAGS.mark_as_parsed()
+  report = run(_CONFIG.value, _JOB.value, _TOPOLOGY.value, _ints(_MESH.value),
+               _ints(_DCN.value) or None, _BATCH.value)
+  text = json.dumps(report, indent=2)
+  print(text)
+  if not report["fits"]:
+    hbm = _gib(CHIPS[parse_topology(report["topology"])["kind"]]["hbm"])
+    print(f"\nDOES NOT FIT on {report['topology']}: "
+          f"{report.get('total_gib', 'over')} GiB per chip vs {hbm} GiB HBM. "
+          f"Try {report['advice']}.", file=sys.stderr)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      f.write(text)
+  return report
+
+
+if __name__ == "__main__":
+  main(sys.argv)
