@@ -26,6 +26,7 @@ import jax
 import ml_dtypes
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from rd_jax.models import internvl
@@ -343,7 +344,6 @@ def save(out_dir: str, cfg, params: nnx.State) -> None:
   An existing checkpoint there is replaced only once the new one is fully
   written, so a failed conversion never destroys a good one.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   target = os.path.join(out_dir, "params")
@@ -384,7 +384,6 @@ def load(path: str, *, dtype: str | None = None,
   if raw.get("model_type") == "internvl":
     cfg = config_from_hf(raw, **overrides)
     return cfg, params_from_hf(cfg, read_safetensors(path))
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(raw)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         nnx.to_pure_dict(internvl.abstract_params(cfg)))
