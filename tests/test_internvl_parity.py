@@ -194,3 +194,21 @@ def test_mismatched_checkpoint_names_tensor(tmp_path):
   with pytest.raises(ValueError, match="different lm_head.weight"):
     convert.load(str(tmp_path))
 
+
+
+def test_both_hf_name_layouts_map_to_the_same_params():
+  """save_pretrained writes `language_model.model.*`; in-memory state dicts
+  (and some Hub checkpoints) use `model.language_model.*`."""
+  saved = ["language_model.model.layers.0.mlp.up_proj.weight",
+           "language_model.lm_head.weight",
+           "vision_tower.encoder.layer.0.lambda_1",
+           "multi_modal_projector.linear_1.bias"]
+  memory = ["model.language_model.layers.0.mlp.up_proj.weight",
+            "lm_head.weight", "model.vision_tower.encoder.layer.0.lambda_1",
+            "model.multi_modal_projector.linear_1.bias"]
+  want = ["language_model.layers.0.mlp.up_proj.weight", "lm_head.weight",
+          "vision_tower.encoder.layer.0.lambda_1",
+          "multi_modal_projector.linear_1.bias"]
+  for names in (saved, memory):
+    assert list(convert.canonical_names({n: i for i, n in enumerate(names)})
+                ) == want
