@@ -229,6 +229,9 @@ def _logical_table(tree: Any) -> dict[tuple[str, ...], tuple]:
   return table
 
 
+_AMBIGUOUS = object()
+
+
 def tree_logical_specs(state: Any, logical: Any = None) -> Any:
   """Logical names (tuple, or None = replicated) for every array of `state`.
 
@@ -239,12 +242,22 @@ def tree_logical_specs(state: Any, logical: Any = None) -> Any:
   """
   table = _logical_table(logical) if logical is not None else {}
   table.update(_logical_table(state))
+  # Every suffix of a named path points at its names, unless two paths with
+  # different names share it (then that suffix is too short to decide).
+  index: dict[tuple[str, ...], Any] = {}
+  for path, names in table.items():
+    for i in range(len(path)):
+      prev = index.setdefault(path[i:], names)
+      if prev != names:
+        index[path[i:]] = _AMBIGUOUS
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   out = []
   for path, x in leaves:
     p, names = _norm_path(path), None
     for i in range(len(p)):
-      hit = table.get(p[i:])
+      hit = index.get(p[i:])
+      if hit is _AMBIGUOUS:
+        break
       if hit is not None and len(hit) == len(np.shape(x)):
         names = hit
         break
