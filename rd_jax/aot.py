@@ -189,11 +189,16 @@ def rm_seq_len(config) -> tuple[int, int]:
 
 def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
                     mult: float) -> float:
-  """mult·(N_vit·vision tokens + N_llm·LLM tokens) (+ attention scores)."""
+  """mult·(N_vit·vision tokens + N_llm·LLM tokens + attention), in
+  multiply-adds (mult = 2 per forward, 6 per forward + backward)."""
   from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
   params = internvl.abstract_params(model_cfg)
   n_vit = _n_params(params["vision"]) + _n_params(params["projector"])
-  n_llm = _n_params(params["language_model"])
+  # The embedding is a gather and the LM head runs at the few read
+  # positions only: neither is a matmul over every token.
+  lm = params["language_model"]
+  n_llm = _n_params(lm) - sum(_n_params(lm[k]) for k in ("embed", "lm_head")
+                              if k in lm)
   v, t = model_cfg.vision, model_cfg.text
   vit_tok = (v.image_size // v.patch_size) ** 2 + 1
   dense = n_vit * n_images * vit_tok + n_llm * rows * seq

@@ -168,3 +168,15 @@ def test_aot_compiles_real_size_reward_model_for_v5p(tmp_path):
   assert report["hlo_flops_per_chip"] > report["model_flops"] / 4
   assert 0 < report["est_mfu"] < 1
   print(f"AOT 1B RM on v5p-8: {secs:.0f} s")
+
+
+def test_multislice_mesh_puts_dcn_axes_across_slices():
+  """2 v5p-16 slices: data (DCN) spans slices, fsdp (ICI) stays in one."""
+  code = ("import json; from rd_jax import aot, sharding\n"
+          "d, _ = aot.topology_devices('2xv5p-16')\n"
+          "m = sharding.make_mesh((1, -1, 1), d, (-1, 1, 1))\n"
+          "print(json.dumps({'shape': list(m.devices.shape), "
+          "'data': [x.slice_index for x in m.devices[:, 0, 0]], "
+          "'fsdp': sorted({x.slice_index for x in m.devices[0, :, 0]})}))")
+  (out,), _ = _run(["-c", code], _env())
+  assert out == {"shape": [2, 8, 1], "data": [0, 1], "fsdp": [0]}
