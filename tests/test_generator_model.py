@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import generator_shapes
 from rd_jax.generation import flow
-from rd_jax.models import generator, mmdit
+from rd_jax.models import generator, mmdit, vae
 
 
 def tiny_cfg():
@@ -126,3 +126,35 @@ def test_gradient_flows_through_a_sampled_step_of_the_mmdit():
   g = jax.jit(jax.grad(loss), static_argnums=1)(params, 1)
   g_out = g["dit"]["proj_out"]["kernel"]
   assert bool(jnp.all(jnp.isfinite(g_out))) and float(jnp.abs(g_out).max()) > 0
+
+
+def test_flux_vae_layout_matches_diffusers_autoencoderkl():
+  import torch
+  from diffusers import AutoencoderKL
+  cfg = generator_shapes.get_config("size=flux_dev").image.model.vae
+  n = len(cfg.block_out_channels)
+  with torch.device("meta"):
+    ref = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        use_quant_conv=cfg.use_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv)
+    shapes = sorted(tuple(p.shape) for p in ref.parameters())
+  assert vae.param_count(cfg) == sum(int(np.prod(s)) for s in shapes)
+  ours = jax.tree.leaves(nnx.to_pure_dict(vae._graph(cfg.to_json())[1]))  # pylint: disable=protected-access
+  # Same multiset of tensor sizes: every diffusers tensor has one twin here.
+  assert sorted(int(np.prod(x.shape)) for x in ours) == sorted(
+      int(np.prod(s)) for s in shapes)
+  small = ml_collections.ConfigDict(cfg.to_dict())
+  small.update(block_out_channels=(16, 32), norm_num_groups=4,
+               latent_channels=4)
+  params = vae.init(small, jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (1, 8, 8, 3)) * 2 - 1
+  z = vae.encode(small, params, x)
+  assert z.shape == (1, 4, 4, 4)
+  assert vae.decode(small, params, z).shape == x.shape
