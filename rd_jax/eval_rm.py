@@ -66,9 +66,10 @@ def evaluate(checkpoint: str, splits, kind: str | None = None,
   if kind != config.kind:
     config.kind = kind
     config.rm.frames = 8 if kind == "video" else None
+    train_rm.load_tokenizer(config)  # builds that kind's data if missing
   tpi = internvl.tokens_per_image(config.rm.model)
   score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
-  out = {"step": step}
+  out = {"step": step, "kind": kind}
   for split in splits:
     out[split] = rm_eval.evaluate(config, params, tok, score_fn, tpi,
                                   split=split, kind=kind,
@@ -85,8 +86,7 @@ def main(argv):
   root = os.path.abspath(_CHECKPOINT.value)
   if os.path.basename(os.path.dirname(root)) == "checkpoints":
     root = os.path.dirname(os.path.dirname(root))
-  kind = _KIND.value or "trained_kind"
-  train_util.write_json(os.path.join(root, f"eval_{kind}.json"), out)
+  train_util.write_json(os.path.join(root, f"eval_{out['kind']}.json"), out)
   print(json.dumps(out, indent=2))
 
 

@@ -16,7 +16,8 @@ events, and final_metrics.json:
   acc_by_failure, acc_by_failure_ood   {failure mode: accuracy}
   ece, ece_ood                    calibration of P(yes)
   position_consistency(_ood)      pairwise: decision survives swapping
-  steps, wall_s, train_s, params, final_loss
+  steps, wall_s, train_s, params, first_loss (first step of this
+  process), final_loss
 """
 from __future__ import annotations
 
@@ -251,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   for step in range(start, tc.steps):
     batch = device_batch(config, tok, tpi, next(data))
     state, metrics = step_fn(state, batch, jax.random.fold_in(k_train, step))
+    if step == start:
+      losses_seen.append(float(metrics["loss"]))
     progress(step + 1, metrics)
     ckpt.save(step + 1, state, data)
     if (step + 1) % config.eval_every == 0 and step + 1 < tc.steps:
@@ -273,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                           ("test_id", "test_ood"), config.final_eval_pairs)
   out = final_metrics(evals)
   out.update(steps=int(state["step"]), params=n_params, train_s=train_s,
+             first_loss=losses_seen[0] if losses_seen else None,
              final_loss=losses_seen[-1] if losses_seen else None,
              paradigm=config.paradigm, size=config.size,
              wall_s=time.time() - t0)

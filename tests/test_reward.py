@@ -249,8 +249,9 @@ def test_real_size_train_step_compiles():
   rm, b = config.rm, 1
   tpi = internvl.tokens_per_image(rm.model)
   assert tpi == 256
-  state, opt = jax.eval_shape(lambda: train_rm.init_state(
-      config, jax.random.key(0)))[0], train_rm.make_optimizer(config.train)
+  state = jax.eval_shape(lambda: train_rm.init_state(
+      config, jax.random.key(0))[0])
+  opt = train_rm.make_optimizer(config.train)
   length = 2 * (tpi + 2) + 96
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
   batch = {"input_ids": i32(2 * b, length),

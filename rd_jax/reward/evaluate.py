@@ -51,11 +51,15 @@ def num_images(config) -> int:
 
 
 def encode(config, tok, tokens_per_image: int, questions, answers=None):
+  """Token arrays (rd_jax.reward.sequences) for this config's paradigm."""
+  pairwise = config.paradigm == "pairwise_generative"
   return sequences.encode(
       tok, questions, answers, num_images=num_images(config),
       tokens_per_image=tokens_per_image, question_len=config.question_len,
       answer_len=config.answer_len, cot=config.cot,
-      yes_no=(config.rm.yes_id, config.rm.no_id))
+      yes_no=(config.rm.yes_id, config.rm.no_id),
+      groups=2 if pairwise else 1,
+      noun="video" if config.rm.get("frames") else "image")
 
 
 # ---------------------------------------------------------------- scoring

@@ -1,10 +1,12 @@
 """Token sequences of the reward model (InternVL chat layout), fixed length.
 
-    <|im_start|>user\\n <img><IMG_CONTEXT>*P</img>\\n ... (one per image)
+    <|im_start|>user\\n [image k: ]<img><IMG_CONTEXT>*P</img>\\n ... (per image)
     {question}<|im_end|>\\n<|im_start|>assistant\\n {answer} <pad>...
 
 Pairwise: images 1..T are the reference (T = 1 for an image, T frames for a
-video), images T+1..2T the candidate. Pointwise: T images. Sequences are
+video), images T+1..2T the candidate; each group is labelled as the question
+names it ("image 1: ", "image 2: "; "video 1: " before its frames), the
+InternVL multi-image convention ("Image-1: <image>"). Pointwise: T images. Sequences are
 right-padded to one length (`seq_len`), so every batch of a run compiles
 once. The logits at `read_pos` (the last prompt token) predict the first
 answer token: that is where the reward reads P("yes").
@@ -35,8 +37,11 @@ def _ids(tok, text: str) -> list[int]:
   return tok.encode(text, add_special_tokens=False)
 
 
-def image_block(tok, num_images: int, tokens_per_image: int) -> list[int]:
-  """`<|im_start|>user\\n` + one `<img><IMG_CONTEXT>*P</img>\\n` per image."""
+def image_block(tok, num_images: int, tokens_per_image: int,
+                groups: int = 1, noun: str = "image") -> list[int]:
+  """`<|im_start|>user\\n` + one `<img><IMG_CONTEXT>*P</img>\\n` per image;
+  with groups > 1 each group of num_images / groups is labelled
+  `{noun} {k}: `."""
   ctx = tok.convert_tokens_to_ids(tokenizer_lib.IMG_CONTEXT)
   if ctx is None or ctx == tok.unk_token_id:
     raise ValueError(f"the tokenizer has no {tokenizer_lib.IMG_CONTEXT!r} "
@@ -44,30 +49,39 @@ def image_block(tok, num_images: int, tokens_per_image: int) -> list[int]:
                      "one)")
   one = (_ids(tok, tokenizer_lib.IMG_START) + [ctx] * tokens_per_image +
          _ids(tok, f"{tokenizer_lib.IMG_END}\n"))
-  return _ids(tok, USER) + one * num_images
+  out = _ids(tok, USER)
+  per = num_images // groups
+  for g in range(groups):
+    if groups > 1:
+      out += _ids(tok, f"{noun} {g + 1}: ")
+    out += one * per
+  return out
 
 
 def seq_len(tok, num_images: int, tokens_per_image: int, question_len: int,
-            answer_len: int) -> int:
+            answer_len: int, groups: int = 1) -> int:
   """Fixed sequence length for questions of <= question_len tokens."""
-  return (len(image_block(tok, num_images, tokens_per_image)) + question_len
+  return (len(image_block(tok, num_images, tokens_per_image, groups))
+          + question_len
           + len(_ids(tok, ASSISTANT)) + answer_len)
 
 
 def encode(tok, questions: list[str], answers: list[str] | None = None, *,
            num_images: int, tokens_per_image: int, question_len: int,
            answer_len: int = 1, cot: str = "none",
-           yes_no: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+           yes_no: tuple[int, int] | None = None, groups: int = 1,
+           noun: str = "image") -> dict[str, np.ndarray]:
   """Questions (and, for training, answers) -> fixed-length arrays above.
 
   Without answers the result is what the reward functions take (compute it
   once per prompt and reuse it). `cot` says where the decision token is in
   the answer: first ("none", "decision_first") or last ("reason_first").
+  groups=2 (pairwise) labels the two images / videos `{noun} 1: `, ....
   """
-  head = image_block(tok, num_images, tokens_per_image)
+  head = image_block(tok, num_images, tokens_per_image, groups, noun)
   tail = _ids(tok, ASSISTANT)
   length = seq_len(tok, num_images, tokens_per_image, question_len,
-                   answer_len)
+                   answer_len, groups)
   b = len(questions)
   out = {"input_ids": np.full((b, length), tok.pad_token_id, np.int32),
          "attention_mask": np.zeros((b, length), bool),
