@@ -11,21 +11,25 @@ r"""Compile a job's real step for a TPU topology on this (CPU) machine.
 Needs `libtpu` (jax[tpu]); runs with JAX_PLATFORMS=cpu: the TPU devices are
 compile-only (`jax.experimental.topologies`), nothing executes. Prints and
 writes (--out) JSON with, per chip: argument / output / temp / alias bytes,
-the total against HBM and whether it fits; HLO FLOPs per step (per chip);
-model FLOPs (6·N·tokens for the trained parameters, 2·N·tokens for frozen
-forward passes: the standard MFU numerator, remat recompute excluded); the
-step time XLA's cost model implies (roofline: max(HLO FLOPs / peak, HBM
-bytes accessed / bandwidth)) and the MFU that implies. This is an optimistic
-estimate (perfect overlap, no collectives cost), useful to compare configs,
-not a measured MFU. When the program does not fit, the message names the
-mesh / remat / batch change to try.
+the total (argument + output + temp - donated alias) against HBM and whether
+it fits; `hlo_flops_per_chip`: dot/convolution FLOPs of the optimised
+program with every loop iteration counted (XLA's own cost_analysis counts a
+loop body once, so a scanned 48-layer stack reads ~48x low; it is kept as
+`xla_cost_flops_per_chip`); `model_flops`: 6 x (matmul parameters x tokens
++ attention) for trained models, 2 x for frozen forward passes (the usual
+MFU numerator: no remat recompute, no embedding gather); `est_step_s`, the
+roofline step time max(HLO FLOPs / peak, XLA bytes accessed / HBM
+bandwidth), and `est_mfu` = model FLOPs / (chips x peak x est_step_s). That
+is an upper bound (perfect overlap, collectives free), for comparing
+configs, not a measurement. When the program does not fit, the message names
+the mesh / remat / batch / topology change to try.
 
 Jobs (auto from the config; --job to force):
   rm         train_rm.train_step (the real RM update; InternVL 1B..26B)
   generator  train_generator.train_step; for `size=flux_dev` (external T5 /
              CLIP encoders) the same flow-matching + AdamW + EMA update on
-             latents with precomputed text states (train_generator encodes
-             prompt ids itself; see README "Scale-out")
+             latents with precomputed text states (train_generator's step
+             encodes prompt ids with its own small text encoder)
   refl       one ReFL update (DESIGN.md §2.4): K-step Euler sampling without
              gradient to step k, x̂0 at step k with gradient, Flux VAE decode,
              pairwise reward against a reference image, relu(λ − r) loss,
@@ -552,12 +556,26 @@ def _advice(report: dict, mesh_shape) -> str:
     tips.append(f"--mesh=1,{data * fsdp},{tensor} (shard parameters and "
                 "optimiser state over every chip instead of replicating "
                 "them over data)")
-  if report["temp_gib"] > report["argument_gib"] and report["batch"] > 1:
-    tips.append(f"--batch={max(report['batch'] // 2, 1)} (activations "
-                "dominate; halve the batch and accumulate gradients)")
-  tips.append("a larger topology (parameters + optimiser state shrink "
-              "linearly with the fsdp axis)")
+  known = "temp_gib" in report  # XLA gave up before a memory analysis
+  if report["batch"] > 1 and (not known or
+                              report["temp_gib"] > report["argument_gib"]):
+    tips.append(f"--batch={report['batch'] // 2} (half the activations; "
+                "accumulate gradients for the same global batch)")
+  bigger = _bigger(report["topology"])
+  tips.append(f"--topology={bigger} (parameters + optimiser state shrink "
+              "linearly with the fsdp axis)" if bigger else
+              "more slices (Nx prefix) with data over DCN")
   return "; or ".join(tips)
+
+
+def _bigger(topology: str) -> str | None:
+  """The next larger topology of the same TPU generation."""
+  names = [n for n in topology_names()
+           if n.split("-")[0] == topology.split("x")[-1].split("-")[0]]
+  base = topology.split("xv")[-1] if "xv" in topology else topology
+  base = base if base.startswith("v") else "v" + base
+  i = names.index(base) if base in names else -1
+  return names[i + 1] if 0 <= i < len(names) - 1 else None
 
 
 def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
@@ -648,9 +666,7 @@ def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,
       f.write(compiled.as_text())
   report.update(batch=batch, remat=job.remat)
   if not report["fits"]:
-    report["advice"] = _advice(dict(report, temp_gib=report.get(
-        "temp_gib", 1.0), argument_gib=report.get("argument_gib", 0.0)),
-                               tuple(report["mesh"].values()))
+    report["advice"] = _advice(report, tuple(report["mesh"].values()))
   return report
 
 
@@ -665,8 +681,10 @@ def main(argv) -> dict:
   print(text)
   if not report["fits"]:
     hbm = _gib(CHIPS[parse_topology(report["topology"])["kind"]]["hbm"])
-    print(f"\nDOES NOT FIT on {report['topology']}: "
-          f"{report.get('total_gib', 'over')} GiB per chip vs {hbm} GiB HBM. "
+    need = (f"{report['total_gib']} GiB per chip > {hbm} GiB HBM"
+            if "total_gib" in report else
+            f"more than the {hbm} GiB HBM per chip ({report['error']})")
+    print(f"\nDOES NOT FIT on {report['topology']}: {need}. "
           f"Try {report['advice']}.", file=sys.stderr)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
