@@ -94,11 +94,9 @@ def test_eval_rm_reads_the_checkpoint(trained):
 
 
 @pytest.mark.parametrize("arg", [
-    "smoke,paradigm=pointwise_generative",
+    "smoke,paradigm=pointwise_generative,cot=reason_first",
     "smoke,paradigm=pointwise_regressive",
-    "smoke,cot=decision_first",
-    "smoke,cot=reason_first,paradigm=pointwise_generative",
-    "smoke,kind=video",
+    "smoke,kind=video,cot=decision_first",
 ])
 def test_paradigms_cot_and_video_step_and_score(shapes_tiny, arg):
   """One real train step and one scoring pass for every paradigm, both CoT
