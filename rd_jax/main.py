@@ -14,14 +14,10 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from rd_jax import train_util
+from rd_jax import cli, train_util
 from rd_jax.data import pipeline, selfcheck
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/demo.py).")
-flags.DEFINE_string("workdir", None, "Where everything is written.")
 
 
 def data_dir(config, workdir: str) -> str:
@@ -80,7 +76,7 @@ def run(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  final = run(FLAGS.config, FLAGS.workdir)
+  final = run(cli.CONFIG.value, cli.WORKDIR.value)
   sc = final["selfcheck"]
   print(json.dumps({"oracle_selfcheck_pass": sc["pass"],
                     "clean_accuracy": sc["clean_accuracy"],

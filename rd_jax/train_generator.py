@@ -30,15 +30,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from ml_collections import config_flags
 from PIL import Image
 
-from rd_jax import train_util
+from rd_jax import cli, train_util
 from rd_jax.generation import flow
 from rd_jax.models import generator
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 
 # ---------------------------------------------------------------- data
 
@@ -288,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def main(argv):
   del argv
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(cli.CONFIG.value, cli.WORKDIR.value)
 
 
 if __name__ == "__main__":

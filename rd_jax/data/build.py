@@ -9,16 +9,14 @@ from absl import app, flags
 
 from rd_jax.data import pipeline
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Where to write ShapesWorld.")
-flags.DEFINE_string("scale", "default", "Data scale (tfds_shapes.SCALES).")
-
-
 def main(argv):
   del argv
-  pipeline.build(FLAGS.data_dir, FLAGS.scale)
+  pipeline.build(flags.FLAGS.data_dir, flags.FLAGS.scale)
 
 
 if __name__ == "__main__":
+  # flags live here, not at import: other entry points import this module
+  flags.DEFINE_string("data_dir", None, "Where to write ShapesWorld.")
+  flags.DEFINE_string("scale", "default", "Data scale (tfds_shapes.SCALES).")
   flags.mark_flag_as_required("data_dir")
   app.run(main)

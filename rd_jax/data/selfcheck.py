@@ -87,22 +87,21 @@ def check(data_dir: str, scale: str = "default", max_per_split: dict | None
   return out
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "ShapesWorld data directory.")
-flags.DEFINE_string("scale", "default", "Data scale (tfds_shapes.SCALES).")
-flags.DEFINE_string("out", None, "Write the JSON report here too.")
-
-
 def main(argv):
   del argv
-  report = check(FLAGS.data_dir, FLAGS.scale)
+  flags_ = flags.FLAGS
+  report = check(flags_.data_dir, flags_.scale)
   text = json.dumps(report, indent=1)
   print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
+  if flags_.out:
+    with open(flags_.out, "w") as f:
       f.write(text)
 
 
 if __name__ == "__main__":
+  # flags live here, not at import: other entry points import this module
+  flags.DEFINE_string("data_dir", None, "ShapesWorld data directory.")
+  flags.DEFINE_string("scale", "default", "Data scale (tfds_shapes.SCALES).")
+  flags.DEFINE_string("out", None, "Write the JSON report here too.")
   flags.mark_flag_as_required("data_dir")
   app.run(main)
