@@ -39,7 +39,10 @@ def _run(args, env, timeout=900):
                      capture_output=True, text=True, timeout=timeout,
                      check=False)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+  lines = []
+  for line in p.stdout.splitlines():
+    if line.startswith("{") and line.rstrip().endswith("}"):
+      lines.append(json.loads(line))
   return lines, time.time() - t0
 
 
