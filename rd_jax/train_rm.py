@@ -31,15 +31,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from rd_jax import train_util
+from rd_jax import cli, train_util
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
 from rd_jax.reward import losses, model, sequences
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 
 # ---------------------------------------------------------------- setup
 
@@ -123,8 +120,8 @@ def loss_fn(config, params, seq: dict, chosen, rejected):
   """(loss, aux) for one batch of B pairs; seq from
   evaluate.training_sequences (2B rows)."""
   rm = config.rm
-  ch = model._per_sequence(rm, chosen)  # pylint: disable=protected-access
-  rej = model._per_sequence(rm, rejected)  # pylint: disable=protected-access
+  ch = model.per_sequence(rm, chosen)
+  rej = model.per_sequence(rm, rejected)
   b, t = ch.shape[:2]
   feats = model.embed_images(rm, params, jnp.concatenate([ch, rej], 1))
   f_ch, f_rej = feats[:, :t], feats[:, t:]
@@ -290,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
 def main(argv):
   del argv
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(cli.CONFIG.value, cli.WORKDIR.value)
 
 
 if __name__ == "__main__":

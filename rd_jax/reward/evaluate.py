@@ -77,7 +77,7 @@ def _decide(rm, params, question, embeds, cot: str, answer_len: int):
     ids, mask, p, done = carry
     pos = question["read_pos"] + k
     q = {"input_ids": ids, "attention_mask": mask}
-    logits = internvl_logits(rm, params, q, embeds, pos)
+    logits = _logits_at(rm, params, q, embeds, pos)
     tok = jnp.argmax(logits, -1)
     is_decision = (tok == rm.yes_id) | (tok == rm.no_id)
     p_now = model.readout(logits, rm.yes_id, rm.no_id, rm.readout)
@@ -93,7 +93,7 @@ def _decide(rm, params, question, embeds, cot: str, answer_len: int):
   return jax.lax.fori_loop(0, answer_len, step, init)[2]
 
 
-def internvl_logits(rm, params, q, embeds, pos):
+def _logits_at(rm, params, q, embeds, pos):
   logits, _ = model.logits_and_hidden(rm, params, q, embeds, pos[:, None])
   return logits[:, 0]
 
@@ -102,8 +102,8 @@ def score_pairs(config, params, question, chosen, rejected) -> dict:
   """Scores for a batch of pairs (jit with config static). Images uint8 or
   float [B, (T,) H, W, 3]; question from `encode` (no answers)."""
   rm = config.rm
-  ch = model._per_sequence(rm, chosen)  # pylint: disable=protected-access
-  rej = model._per_sequence(rm, rejected)  # pylint: disable=protected-access
+  ch = model.per_sequence(rm, chosen)
+  rej = model.per_sequence(rm, rejected)
   t = ch.shape[1]
   feats = model.embed_images(rm, params, jnp.concatenate([ch, rej], 1))
   f_ch, f_rej = feats[:, :t], feats[:, t:]

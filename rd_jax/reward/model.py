@@ -119,7 +119,7 @@ def _batch(question: dict, *images):
           tuple(x[None] for x in images), lambda x: x[0])
 
 
-def _per_sequence(rm, x: jax.Array) -> jax.Array:
+def per_sequence(rm, x: jax.Array) -> jax.Array:
   """[B, (T,) H, W, 3] -> [B, T, H, W, 3] (T = 1 for images)."""
   return x if rm.get("frames") else x[:, None]
 
@@ -140,7 +140,7 @@ def pairwise_reward(rm, params, ref_images: jax.Array,
   -> [B] (or a scalar for one unbatched example).
   """
   question, (ref, cand), unbatch = _batch(question, ref_images, cand_images)
-  ref, cand = _per_sequence(rm, ref), _per_sequence(rm, cand)
+  ref, cand = per_sequence(rm, ref), per_sequence(rm, cand)
   t = ref.shape[1]
   feats = embed_images(rm, params, jnp.concatenate([ref, cand], 1))
   r = _generative(rm, params, question, feats, readout_kind)
@@ -155,7 +155,7 @@ def pointwise_reward(rm, params, images: jax.Array, question: dict, *,
                      readout_kind: str | None = None) -> jax.Array:
   """r(x) = P("yes" | x, prompt, instruction) -> [B]."""
   question, (x,), unbatch = _batch(question, images)
-  feats = embed_images(rm, params, _per_sequence(rm, x))
+  feats = embed_images(rm, params, per_sequence(rm, x))
   return unbatch(_generative(rm, params, question, feats, readout_kind))
 
 
@@ -170,6 +170,6 @@ def regressive_reward(rm, params, images: jax.Array,
                       question: dict) -> jax.Array:
   """The regressive baseline's scalar reward (unbounded) -> [B]."""
   question, (x,), unbatch = _batch(question, images)
-  feats = embed_images(rm, params, _per_sequence(rm, x))
+  feats = embed_images(rm, params, per_sequence(rm, x))
   _, hidden = logits_and_hidden(rm, params, question, feats)
   return unbatch(regressive_score(params, hidden[:, 0]))
