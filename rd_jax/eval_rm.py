@@ -25,14 +25,18 @@ from rd_jax import train_rm, train_util
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "train_rm workdir (or .../checkpoints/STEP)")
-_SPLIT = flags.DEFINE_string("split", "test_id,test_ood",
-                             "comma-separated splits")
-_KIND = flags.DEFINE_string("kind", None, "image | video (default: as trained)")
-_MAX_PAIRS = flags.DEFINE_integer("max_pairs", -1, "pairs per split; -1 all")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "ShapesWorld dir (default: as trained)")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when run as a program (importers get no flag clashes)."""
+  flags.DEFINE_string("checkpoint", None,
+                      "train_rm workdir (or .../checkpoints/STEP)")
+  flags.DEFINE_string("split", "test_id,test_ood", "comma-separated splits")
+  flags.DEFINE_string("kind", None, "image | video (default: as trained)")
+  flags.DEFINE_integer("max_pairs", -1, "pairs per split; -1 all")
+  flags.DEFINE_string("data_dir", None,
+                      "ShapesWorld dir (default: as trained)")
 
 
 def load(checkpoint: str, data_dir: str | None = None):
@@ -81,9 +85,9 @@ def evaluate(checkpoint: str, splits, kind: str | None = None,
 
 def main(argv):
   del argv
-  out = evaluate(_CHECKPOINT.value, _SPLIT.value.split(","), _KIND.value,
-                 _MAX_PAIRS.value, _DATA_DIR.value)
-  root = os.path.abspath(_CHECKPOINT.value)
+  out = evaluate(FLAGS.checkpoint, FLAGS.split.split(","), FLAGS.kind,
+                 FLAGS.max_pairs, FLAGS.data_dir)
+  root = os.path.abspath(FLAGS.checkpoint)
   if os.path.basename(os.path.dirname(root)) == "checkpoints":
     root = os.path.dirname(os.path.dirname(root))
   train_util.write_json(os.path.join(root, f"eval_{out['kind']}.json"), out)
@@ -91,5 +95,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint"])
   app.run(main)
