@@ -66,7 +66,7 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     raise ValueError(
         f"param of shape {np.shape(value)} got {len(names)} logical names "
         f"{names}; give exactly one name (or None) per dimension.")
-  return nnx.Param(value, sharding_names=names)
+  return nnx.Param(value, out_sharding=names)
 
 
 def logical_to_mesh(spec: Sequence[str | None] | None,
