@@ -274,12 +274,7 @@ def latent_sft_step(st, opt, state: dict, batch: dict, rng: jax.Array):
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  updates, opt_state = opt.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  ema = train_util.ema_update(state["ema"], params, state["step"],
-                              st.ema_decay)
-  return ({"params": params, "opt": opt_state, "ema": ema,
-           "step": state["step"] + 1},
+  return (train_util.apply_gradients(state, grads, opt, st.ema_decay),
           {"loss": loss, "grad_norm": optax.global_norm(grads)})
 
 
@@ -355,9 +350,7 @@ def refl_step(gcfg, rm_config, refl, opt, state: dict, frozen: dict,
 
   (loss, r), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"])
-  updates, opt_state = opt.update(grads, state["opt"], state["params"])
-  return ({"params": optax.apply_updates(state["params"], updates),
-           "opt": opt_state, "step": state["step"] + 1},
+  return (train_util.apply_gradients(state, grads, opt),
           {"loss": loss, "reward": jnp.mean(r)})
 
 

@@ -112,12 +112,7 @@ def train_step(st, opt, state: dict, batch: dict, rng: jax.Array):
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  updates, opt_state = opt.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  ema = train_util.ema_update(state["ema"], params, state["step"],
-                              st.ema_decay)
-  new = {"params": params, "opt": opt_state, "ema": ema,
-         "step": state["step"] + 1}
+  new = train_util.apply_gradients(state, grads, opt, st.ema_decay)
   return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 

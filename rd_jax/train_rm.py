@@ -168,9 +168,7 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
   (loss, aux), grads = jax.value_and_grad(
       functools.partial(loss_fn, config), has_aux=True)(
           state["params"], seq, chosen, rejected)
-  updates, opt_state = opt.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new = {"params": params, "opt": opt_state, "step": state["step"] + 1}
+  new = train_util.apply_gradients(state, grads, opt)
   return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
@@ -142,6 +143,22 @@ def _fmt_time(s: float) -> str:
 
 
 # ---------------------------------------------------------------- EMA
+
+
+def apply_gradients(state: dict, grads: Any, opt: Any,
+                    ema_decay: float | None = None) -> dict:
+  """The optimiser update of a train state {params, opt, step[, ema]}.
+
+  Every trainer's step ends here, so the update (and the EMA, when the state
+  has one) is written once.
+  """
+  updates, opt_state = opt.update(grads, state["opt"], state["params"])
+  new = dict(state, params=optax.apply_updates(state["params"], updates),
+             opt=opt_state, step=state["step"] + 1)
+  if "ema" in state:
+    new["ema"] = ema_update(state["ema"], new["params"], state["step"],
+                            ema_decay)
+  return new
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array,
