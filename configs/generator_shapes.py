@@ -65,6 +65,7 @@ def _stage(**kw) -> ml_collections.ConfigDict:
       steps=600, batch_size=32,
       lr=1e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
       ema_decay=0.995,
+      max_nonfinite=20,    # skipped (non-finite) updates in a row -> stop
       cond_drop=0.1,       # prompt dropout, enables classifier-free guidance
       t_sampling="logit_normal", train_shift=1.0,
       # evaluation on held-out (test_id) prompts with the EMA params
@@ -81,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.data_dir = ""  # "" = WORKDIR/data (built on first use)
   c.data_scale = "default"  # ShapesWorld size: default | small | tiny
+  c.on_corrupt = "fail"  # a corrupt data record: "fail" or "skip" (counted)
   c.stages = ("image", "video")
   c.log_every = 50
   c.ckpt_every = 200

@@ -69,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cot = arg.cot
   c.w_cot = 0.1         # LM loss weight on rationale tokens
   c.alpha = 0.1         # pointwise generative: weight of the yes/no CE
-  c.question_len = 72   # max question tokens (error if longer)
+  c.question_len = 72   # max question tokens
+  c.prompt_overflow = "error"  # longer question: "error" or "truncate" (warns)
+  c.on_corrupt = "fail"  # a corrupt data record: "fail" or "skip" (counted)
   c.answer_len = 1 if arg.cot == "none" else 32
 
   size = "xs" if arg.smoke else arg.size
@@ -93,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=40 if arg.smoke else 1600, batch_size=8 if arg.smoke else 16,
       lr=3e-3, warmup_steps=5 if arg.smoke else 50,
-      weight_decay=0.05, grad_clip=1.0, b2=0.98))
+      weight_decay=0.05, grad_clip=1.0, b2=0.98,
+      max_nonfinite=20))  # skipped (non-finite) updates in a row -> stop
   # Pixel augmentation (same draw for both images of a pair): background
   # tint / brightness on low-saturation pixels, and random zoom-in.
   c.augment = ml_collections.ConfigDict(dict(

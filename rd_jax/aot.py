@@ -274,8 +274,10 @@ def latent_sft_step(st, opt, state: dict, batch: dict, rng: jax.Array):
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  return (train_util.apply_gradients(state, grads, opt, st.ema_decay),
-          {"loss": loss, "grad_norm": optax.global_norm(grads)})
+  new, skipped = train_util.apply_gradients(state, grads, opt, st.ema_decay,
+                                           loss=loss)
+  return new, {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "skipped": skipped}
 
 
 def generator_job(config, batch: int) -> Job:
@@ -350,8 +352,8 @@ def refl_step(gcfg, rm_config, refl, opt, state: dict, frozen: dict,
 
   (loss, r), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"])
-  return (train_util.apply_gradients(state, grads, opt),
-          {"loss": loss, "reward": jnp.mean(r)})
+  new, skipped = train_util.apply_gradients(state, grads, opt, loss=loss)
+  return new, {"loss": loss, "reward": jnp.mean(r), "skipped": skipped}
 
 
 def refl_job(config, rm_config, batch: int) -> Job:

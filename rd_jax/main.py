@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import logging
 
 from rd_jax import cli, train_util
 from rd_jax.data import pipeline, selfcheck
@@ -85,5 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

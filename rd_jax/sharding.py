@@ -210,6 +210,12 @@ def _norm_path(path) -> tuple[str, ...]:
   return names[:-1] if names and names[-1] == "value" else names
 
 
+def flat_paths(tree: Any) -> dict[str, Any]:
+  """{'a/b/c': leaf} of a pytree (nnx State, dicts, Orbax metadata)."""
+  return {"/".join(_norm_path(p)): leaf
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _logical_table(tree: Any) -> dict[tuple[str, ...], tuple]:
   """{path: logical names} from nnx Variables (their out_sharding names) or
   PartitionSpec leaves of `tree`."""

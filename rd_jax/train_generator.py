@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
 from PIL import Image
 
 from rd_jax import cli, train_util
@@ -60,7 +60,8 @@ def train_iterator(config, st, kind: str):
   return iter(pipeline.loader(config.data_dir, kind, "train",
                               batch_size=st.batch_size, seed=config.seed,
                               scale=config.data_scale,
-                              max_len=st.model.text.max_len))
+                              max_len=st.model.text.max_len,
+                              on_corrupt=config.on_corrupt))
 
 
 def _kind(st) -> str:
@@ -112,8 +113,10 @@ def train_step(st, opt, state: dict, batch: dict, rng: jax.Array):
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  new = train_util.apply_gradients(state, grads, opt, st.ema_decay)
-  return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  new, skipped = train_util.apply_gradients(state, grads, opt, st.ema_decay,
+                                           loss=loss)
+  return new, {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "skipped": skipped}
 
 
 # ---------------------------------------------------------------- sampling
@@ -212,28 +215,19 @@ def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
   data = train_iterator(config, st, _kind(st))
   ckpt = train_util.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                  save_every=config.ckpt_every)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(jax.tree.map(np.zeros_like, state), data)
-    logging.info("%s: resumed from step %d", name, start)
-
   step_fn = jax.jit(functools.partial(train_step, st, opt),
                     donate_argnums=0)
-  progress = train_util.Progress(st.steps, writer, first_step=start,
-                                 every=config.log_every, name=name)
-  metrics = {"loss": jnp.nan}
-  for step in range(start, st.steps):
-    batch = next(data)
-    batch = {k: batch[k] for k in ("chosen", "prompt_ids", "prompt_mask")}
-    state, metrics = step_fn(state, batch, jax.random.fold_in(k_train, step))
-    progress(step + 1, metrics)
-    ckpt.save(step + 1, state, data)
-  if ckpt.latest_step() != st.steps:
-    ckpt.save(st.steps, state, data, force=True)
-  ckpt.wait()
+  keys = ("chosen", "prompt_ids", "prompt_mask")
+  state, info = train_util.train_loop(
+      state, step_fn, data, steps=st.steps, rng=k_train, ckpt=ckpt,
+      writer=writer, workdir=stage_dir,
+      make_batch=lambda b: {k: b[k] for k in keys},
+      max_nonfinite=st.max_nonfinite, log_every=config.log_every, name=name)
   ckpt.close()
+  if info["preempted"]:
+    return {"preempted": True}
 
-  out = {f"final_loss_{name}": float(metrics["loss"]),
+  out = {f"final_loss_{name}": info["last_loss"],
          f"params_{name}": int(sum(counts.values())), "by_category": {}}
   oracle, _, _, _ = _data_modules()
   for i, task in enumerate(("t2v", "i2v") if st.frames else ("t2i",)):
@@ -253,7 +247,7 @@ def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+  train_util.prepare_workdir(workdir)
   if not config.data_dir:
     config.data_dir = os.path.join(workdir, "data")
   train_util.save_config(workdir, config)
@@ -266,6 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if name not in ("image", "video"):
       raise ValueError(f"unknown stage {name!r}; use 'image' and/or 'video'")
     out = train_stage(config, name, tok, workdir, writer)
+    if out.get("preempted"):
+      return {"preempted": True}
     metrics["oracle_by_category"].update(out.pop("by_category"))
     metrics.update(out)
   # wall_s: training + evaluation; building the data (once per data_dir,
@@ -284,5 +280,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -8,8 +8,9 @@ Paradigms (config.paradigm, DESIGN.md §2.2):
   pointwise_regressive  Bradley-Terry on a scalar head
 plus task instructions (config.instruction) and CoT rationales (config.cot,
 LM loss weight config.w_cot). Writes to WORKDIR: config.json, Orbax
-checkpoints (resumed from the latest, data iterator included), TensorBoard
-events, and final_metrics.json:
+checkpoints (resumed from the latest, data iterator included; SIGTERM saves
+and exits 0), losses.jsonl (every step's metrics), TensorBoard events, and
+final_metrics.json:
 
   acc_id, acc_ood                 preference accuracy (test_id / test_ood)
   acc_sym_id, acc_sym_ood         pairwise: symmetric-score accuracy
@@ -17,7 +18,7 @@ events, and final_metrics.json:
   ece, ece_ood                    calibration of P(yes)
   position_consistency(_ood)      pairwise: decision survives swapping
   steps, wall_s, train_s, params, first_loss (first step of this
-  process), final_loss
+  process), final_loss, skipped_steps (non-finite updates skipped)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
 
 from rd_jax import cli, train_util
 from rd_jax.models import internvl
@@ -168,8 +169,9 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
   (loss, aux), grads = jax.value_and_grad(
       functools.partial(loss_fn, config), has_aux=True)(
           state["params"], seq, chosen, rejected)
-  new = train_util.apply_gradients(state, grads, opt)
-  return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+  new, skipped = train_util.apply_gradients(state, grads, opt, loss=loss)
+  return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+                   skipped=skipped)
 
 
 def device_batch(config, tok, tpi: int, batch) -> dict:
@@ -212,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict:
   t0 = time.time()
   from rd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
+  train_util.prepare_workdir(workdir)
   tok = load_tokenizer(config)
   train_util.save_config(workdir, config)
   writer = train_util.metric_writer(workdir)
@@ -229,50 +231,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   data = iter(pipeline.loader(config.data_dir, config.kind, "train",
                               batch_size=tc.batch_size, seed=config.seed,
-                              scale=config.scale))
+                              scale=config.scale,
+                              on_corrupt=config.on_corrupt))
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.ckpt_every)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(jax.tree.map(np.zeros_like, state), data)
-    logging.info("resumed from step %d", start)
-
   step_fn = jax.jit(functools.partial(train_step, config, opt),
                     donate_argnums=0)
   score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
-  progress = train_util.Progress(tc.steps, writer, first_step=start,
-                                 every=config.log_every)
-  metrics, losses_seen = {"loss": jnp.nan}, []
+
+  def periodic_eval(step: int, state: dict) -> None:
+    if step % config.eval_every or step >= tc.steps:
+      return
+    m = rm_eval.evaluate(config, state["params"], tok, score_fn, tpi,
+                         split="test_id", max_pairs=config.eval_pairs,
+                         batch_size=config.eval_batch)
+    writer.write_scalars(step, {"eval/acc_id": m["acc"],
+                                "eval/ece_id": m["ece"]})
+    logging.info("step %d eval (test_id, %d pairs): acc=%.3f ece=%.3f",
+                 step, m["n"], m["acc"], m["ece"])
+
   t_train = time.time()
-  for step in range(start, tc.steps):
-    batch = device_batch(config, tok, tpi, next(data))
-    state, metrics = step_fn(state, batch, jax.random.fold_in(k_train, step))
-    if step == start:
-      losses_seen.append(float(metrics["loss"]))
-    progress(step + 1, metrics)
-    ckpt.save(step + 1, state, data)
-    if (step + 1) % config.eval_every == 0 and step + 1 < tc.steps:
-      m = rm_eval.evaluate(config, state["params"], tok, score_fn, tpi,
-                           split="test_id", max_pairs=config.eval_pairs,
-                           batch_size=config.eval_batch)
-      writer.write_scalars(step + 1, {"eval/acc_id": m["acc"],
-                                      "eval/ece_id": m["ece"]})
-      logging.info("step %d eval (test_id, %d pairs): acc=%.3f ece=%.3f",
-                   step + 1, m["n"], m["acc"], m["ece"])
-  if start < tc.steps:
-    losses_seen.append(float(metrics["loss"]))
+  state, info = train_util.train_loop(
+      state, step_fn, data, steps=tc.steps, rng=k_train, ckpt=ckpt,
+      writer=writer, workdir=workdir,
+      make_batch=functools.partial(device_batch, config, tok, tpi),
+      on_step=periodic_eval, max_nonfinite=tc.max_nonfinite,
+      log_every=config.log_every)
   train_s = time.time() - t_train
-  if ckpt.latest_step() != tc.steps:
-    ckpt.save(tc.steps, state, data, force=True)
-  ckpt.wait()
   ckpt.close()
+  if info["preempted"]:
+    return {"preempted": True, "steps": int(state["step"])}
 
   evals = evaluate_splits(config, state["params"], tok, score_fn, tpi,
                           ("test_id", "test_ood"), config.final_eval_pairs)
   out = final_metrics(evals)
   out.update(steps=int(state["step"]), params=n_params, train_s=train_s,
-             first_loss=losses_seen[0] if losses_seen else None,
-             final_loss=losses_seen[-1] if losses_seen else None,
+             first_loss=info["first_loss"], final_loss=info["last_loss"],
+             skipped_steps=info["skipped"],
              paradigm=config.paradigm, size=config.size,
              wall_s=time.time() - t0)
   writer.write_scalars(tc.steps, {f"final/{k}": v for k, v in out.items()
@@ -289,5 +284,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -1,15 +1,21 @@
-"""Shared trainer plumbing: checkpoints, metrics + progress/ETA, EMA, JSON.
+"""Shared trainer plumbing: the train loop, checkpoints, metrics + progress/ETA,
+the guarded optimiser update (+ EMA), JSON.
 
 One checkpoint helper (Orbax, atomic, resume from latest, optional grain
 iterator state beside the train state), one metrics writer (clu: TensorBoard
-+ console), used by every `python -m rd_jax.<job>` entry point.
++ console), one train loop (`train_loop`: resume, preemption, non-finite
+guard, per-step loss log), used by every `python -m rd_jax.<job>` trainer.
 """
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
+import shutil
+import signal
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +48,21 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
 
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks that it is writable, before any work."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(
+        f"workdir {workdir!r} is not writable ({e.strerror or e}); choose "
+        f"another --workdir or fix its permissions") from e
+  return workdir
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -56,6 +77,12 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 2,
                save_every: int = 1000):
     self.directory = os.path.abspath(directory)
+    if jax.process_index() == 0:
+      # A write killed midway leaves `<step>.orbax-checkpoint-tmp*`: never a
+      # step Orbax restores from; removed so a resumed run can rewrite it.
+      for tmp in glob.glob(os.path.join(self.directory, "*-tmp*")):
+        logging.warning("removing an interrupted checkpoint write: %s", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -67,6 +94,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any = None,
            force: bool = False) -> bool:
+    """Saves at `step` (every save_every steps, or now with force)."""
+    if step == self.latest_step():
+      return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top
@@ -80,6 +110,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    self.check_shapes(abstract_state, step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top
@@ -92,6 +123,27 @@ class Checkpointer:
           f"({e}); use a fresh --workdir or the config it was trained "
           f"with") from e
     return out["state"], step
+
+  def check_shapes(self, abstract_state: Any, step: int) -> None:
+    """Fails naming the first tensors whose shape (or presence) differs."""
+    from rd_jax import sharding  # pylint: disable=g-import-not-at-top
+    with ocp.StandardCheckpointer() as c:
+      found = sharding.flat_paths(c.metadata(os.path.join(
+          self.directory, str(step), "state")).item_metadata.tree)
+    want = sharding.flat_paths(abstract_state)
+    shape = lambda x: tuple(getattr(x, "shape", ()))  # noqa: E731
+    bad = [f"{k}: expected {shape(want[k])}, found "
+           f"{shape(found[k]) if k in found else 'nothing'}"
+           for k in want if k not in found or shape(found[k]) != shape(
+               want[k])]
+    bad += [f"{k}: not in this config, found {shape(found[k])}"
+            for k in found if k not in want]
+    if bad:
+      more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} does not match this config: "
+          f"{'; '.join(bad[:3])}{more}. Rerun with the config it was trained "
+          f"with (config.json beside it) or use a fresh --workdir")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -142,23 +194,34 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-# ---------------------------------------------------------------- EMA
+# ---------------------------------------------------------------- update
 
 
 def apply_gradients(state: dict, grads: Any, opt: Any,
-                    ema_decay: float | None = None) -> dict:
+                    ema_decay: float | None = None,
+                    loss: jax.Array | None = None) -> tuple[dict, jax.Array]:
   """The optimiser update of a train state {params, opt, step[, ema]}.
 
   Every trainer's step ends here, so the update (and the EMA, when the state
-  has one) is written once.
+  has one) is written once. A non-finite loss or gradient skips the update
+  (params, optimiser and EMA stay as they were; `step` still advances):
+  returns (new state, skipped: bool scalar).
   """
+  skipped = ~jnp.isfinite(optax.global_norm(grads))
+  if loss is not None:
+    skipped |= ~jnp.isfinite(loss)
+  grads = jax.tree.map(lambda g: jnp.where(skipped, 0, g), grads)
   updates, opt_state = opt.update(grads, state["opt"], state["params"])
   new = dict(state, params=optax.apply_updates(state["params"], updates),
-             opt=opt_state, step=state["step"] + 1)
+             opt=opt_state)
   if "ema" in state:
     new["ema"] = ema_update(state["ema"], new["params"], state["step"],
                             ema_decay)
-  return new
+  keep = lambda n, o: jnp.where(skipped, o, n)  # noqa: E731
+  new = {k: (v if k == "step" else jax.tree.map(keep, v, state[k]))
+         for k, v in new.items()}
+  new["step"] = state["step"] + 1
+  return new, skipped
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array,
@@ -170,3 +233,175 @@ def ema_update(ema: Any, params: Any, step: jax.Array,
   """
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
   return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
+# ---------------------------------------------------------------- train loop
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite losses/gradients in a row (see train_loop)."""
+
+
+class LossLog:
+  """`losses.jsonl`: one JSON line per step {step, loss, ...}.
+
+  Opened at the resumed step: lines past it (steps a killed run had done
+  after its last checkpoint, or a half-written last line) are dropped, so
+  the file always equals an uninterrupted run's.
+  """
+
+  def __init__(self, path: str, start: int):
+    self.path, kept, self.rows = path, [], []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except ValueError:
+            break  # a line cut by a kill: everything after is stale
+          if row["step"] <= start:
+            kept.append(json.dumps(row) + "\n")
+            self.rows.append(row)
+    with open(f"{path}.tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
+    self._f = open(path, "a")
+
+  def append(self, step: int, metrics: dict[str, Any]) -> None:
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self._f.write(json.dumps(row) + "\n")
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+class _PreemptionWatch:
+  """SIGTERM, or Orbax's preemption notice (TPU maintenance events), asks
+  the loop to save and stop after the current step."""
+
+  def __init__(self, ckpt: Checkpointer):
+    self.ckpt, self.signalled, self._prev = ckpt, False, None
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread: no handler, Orbax's notice only
+      pass
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def __call__(self, step: int) -> bool:
+    stop = self.signalled
+    if jax.process_count() > 1:  # every host stops at the same step
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+    return stop or self.ckpt.manager.reached_preemption(step)
+
+  def close(self) -> None:
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def train_loop(state: dict, step_fn: Callable, data: Iterator, *,
+               steps: int, rng: jax.Array, ckpt: Checkpointer,
+               writer: metric_writers.MetricWriter, workdir: str,
+               make_batch: Callable[[dict], Any] = lambda b: b,
+               on_step: Callable[[int, dict], None] | None = None,
+               max_nonfinite: int = 20, log_every: int = 50,
+               name: str = "train") -> tuple[dict, dict]:
+  """Runs (or resumes) steps [latest checkpoint, steps) of one trainer.
+
+  step_fn(state, batch, rng) -> (state, metrics) with metrics["skipped"]
+  from apply_gradients; rng for step s is fold_in(rng, s), so a resumed run
+  draws what an uninterrupted one would. `data` is a grain iterator (its
+  position is checkpointed with the state); `make_batch` turns its numpy
+  batch (with record "id"s) into step_fn's input. `on_step(step, state)`
+  runs after every step (periodic evaluation).
+
+  Every step's metrics go to WORKDIR/losses.jsonl (one step late, so the host
+  never waits on the step it just dispatched). On SIGTERM or a preemption
+  notice: save at the current step and return with info["preempted"]. After
+  `max_nonfinite` skipped (non-finite) updates in a row: save the last good
+  state and raise NonFiniteError naming the steps and record ids.
+
+  Returns (state, info): info = {start, preempted, first_loss, last_loss,
+  skipped (non-finite steps seen by this process)}.
+  """
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, start = ckpt.restore(jax.tree.map(np.zeros_like, state), data)
+    logging.info("%s: resumed from step %d (%s)", name, start,
+                 ckpt.directory)
+  log = LossLog(os.path.join(workdir, "losses.jsonl"), start)
+  progress = Progress(steps, writer, first_step=start, every=log_every,
+                      name=name)
+  watch = _PreemptionWatch(ckpt)
+  done = log.rows[-1]["loss"] if log.rows else None  # nothing left to run
+  info = {"start": start, "preempted": False, "first_loss": done,
+          "last_loss": done, "skipped": 0}
+  bad_run = collections.deque()  # (step, record ids) of consecutive skips
+
+  def finish(step: int, metrics: dict, ids) -> None:
+    metrics = jax.device_get(metrics)
+    log.append(step, metrics)
+    progress(step, metrics)
+    loss = float(metrics["loss"])
+    if step == start + 1:
+      info["first_loss"] = loss
+    info["last_loss"] = loss
+    if not metrics["skipped"]:
+      bad_run.clear()
+      return
+    info["skipped"] += 1
+    bad_run.append((step, ids))
+    logging.warning("%s step %d: non-finite loss or gradient (loss=%s); "
+                    "update skipped (%d in a row)", name, step, loss,
+                    len(bad_run))
+    if len(bad_run) >= max_nonfinite:
+      raise NonFiniteError(
+          f"{len(bad_run)} non-finite losses or gradients in a row (steps "
+          f"{bad_run[0][0]}-{bad_run[-1][0]}; record ids of step "
+          f"{bad_run[-1][0]}: {list(np.asarray(bad_run[-1][1]).tolist())}); "
+          f"their updates were skipped")
+
+  pending, step = None, start
+  try:
+    for step in range(start, steps):
+      raw = next(data)
+      state, metrics = step_fn(state, make_batch(raw),
+                               jax.random.fold_in(rng, step))
+      if pending is not None:
+        finish(*pending)
+      pending = (step + 1, metrics, raw.get("id"))
+      ckpt.save(step + 1, state, data)
+      if on_step is not None:
+        on_step(step + 1, state)
+      if watch(step + 1):
+        finish(*pending)
+        pending = None
+        ckpt.save(step + 1, state, data, force=True)
+        info["preempted"] = True
+        logging.warning(
+            "%s: preempted: saved step %d to %s; rerun the same command to "
+            "resume", name, step + 1, ckpt.directory)
+        break
+    if pending is not None:
+      finish(*pending)
+    if not info["preempted"] and ckpt.latest_step() != steps:
+      ckpt.save(steps, state, data, force=True)
+  except NonFiniteError as e:
+    # Skipped updates left the state as it was: that is the last good one.
+    done = int(state["step"])
+    ckpt.save(done, state, data, force=True)
+    ckpt.wait()
+    raise NonFiniteError(
+        f"{e}. The last good state is saved at step {done} in "
+        f"{ckpt.directory}: lower the learning rate or check those records, "
+        f"then rerun to resume (train.max_nonfinite={max_nonfinite} sets "
+        f"the limit)") from None
+  finally:
+    ckpt.wait()
+    log.close()
+    watch.close()
+  return state, info

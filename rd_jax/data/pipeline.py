@@ -14,6 +14,10 @@ Batches (B = batch size; samples are uint8 images [B,64,64,3] or videos
   id                 int64 [B], record index within the split
   prompt, spec, failure_text   bytes [B] (spec is JSON: world.Spec.from_json)
 
+Corrupt records (a bad disk, a cut copy) fail with the record's index and
+the fix (on_corrupt="fail", the default), or are skipped with a warning
+that counts them (on_corrupt="skip").
+
 Sharding: each process reads the records `shard_index::shard_count` of a
 deterministic permutation (defaults: jax.process_index()/process_count()),
 so the processes of a pod see disjoint parts of every epoch.
@@ -26,6 +30,7 @@ import time
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from rd_jax.data import tfds_shapes, tokenizer, world
 
@@ -36,7 +41,20 @@ def tokenizer_dir(data_dir: str) -> str:
   return os.path.join(data_dir, "tokenizer")
 
 
+def check_data_dir(data_dir: str) -> None:
+  """Fails clearly when `data_dir` exists but cannot hold or give data."""
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise NotADirectoryError(
+        f"data_dir {data_dir!r} is a file, not a directory; point "
+        f"--config.data_dir at a directory (it is built there if empty)")
+  if os.path.isdir(data_dir) and not os.access(data_dir, os.R_OK | os.X_OK):
+    raise PermissionError(
+        f"data_dir {data_dir!r} is not readable; fix its permissions or "
+        f"point --config.data_dir elsewhere")
+
+
 def _builder(data_dir: str, kind: str, scale: str) -> tfds_shapes.ShapesWorld:
+  check_data_dir(data_dir)
   if kind not in KINDS:
     raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
   if scale not in tfds_shapes.SCALES:
@@ -83,6 +101,52 @@ def data_source(data_dir: str, kind: str, split: str,
   return b.as_data_source(split=split)
 
 
+class CorruptRecordError(RuntimeError):
+  """A record of the data could not be read or decoded."""
+
+
+class _Checked:
+  """A data source whose unreadable records fail clearly or read as None."""
+
+  def __init__(self, source, data_dir: str, kind: str, split: str,
+               scale: str, on_corrupt: str):
+    if on_corrupt not in ("fail", "skip"):
+      raise ValueError(f"on_corrupt must be 'fail' or 'skip', got "
+                       f"{on_corrupt!r}")
+    self.source, self.on_corrupt, self.skipped = source, on_corrupt, 0
+    self.where = f"ShapesWorld {kind}/{scale} {split} in {data_dir}"
+    self.fix = (f"rebuild it (delete {_builder(data_dir, kind, scale).data_dir}"
+                f" and run python -m rd_jax.data.build --data_dir={data_dir} "
+                f"--scale={scale})")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __repr__(self) -> str:  # grain checks it when restoring an iterator
+    return repr(self.source)
+
+  def __getitem__(self, i):
+    try:
+      return self.source[i]
+    except Exception as e:  # pylint: disable=broad-except
+      if self.on_corrupt == "fail":
+        raise CorruptRecordError(
+            f"corrupt record {i} of {self.where}: {e}; {self.fix}, or set "
+            f"config.on_corrupt='skip' to skip and count such records"
+        ) from None
+      self.skipped += 1
+      logging.warning("skipped corrupt record %d of %s (%d skipped so far): "
+                      "%s", i, self.where, self.skipped, e)
+      return None
+
+
+class _Readable(grain.transforms.Filter):
+  """Drops the records _Checked could not read (on_corrupt='skip')."""
+
+  def filter(self, element) -> bool:
+    return element is not None
+
+
 class _Prepare(grain.transforms.Map):
   """Record -> numpy example with tokenized prompt."""
 
@@ -110,7 +174,8 @@ def loader(data_dir: str, kind: str = "image", split: str = "train", *,
            max_len: int = 24, shuffle: bool = True,
            num_epochs: int | None = None, drop_remainder: bool = True,
            shard_index: int | None = None, shard_count: int | None = None,
-           worker_count: int = 0) -> grain.DataLoader:
+           worker_count: int = 0, on_corrupt: str = "fail"
+           ) -> grain.DataLoader:
   """A deterministic grain DataLoader over one split (see module docstring).
 
   `num_epochs=None` repeats forever (training); evaluation passes 1.
@@ -120,7 +185,8 @@ def loader(data_dir: str, kind: str = "image", split: str = "train", *,
   import jax  # pylint: disable=import-outside-toplevel
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  source = data_source(data_dir, kind, split, scale)
+  source = _Checked(data_source(data_dir, kind, split, scale), data_dir,
+                    kind, split, scale, on_corrupt)
   sampler = grain.samplers.IndexSampler(
       num_records=len(source),
       shard_options=grain.sharding.ShardOptions(
@@ -129,7 +195,7 @@ def loader(data_dir: str, kind: str = "image", split: str = "train", *,
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
   return grain.DataLoader(
       data_source=source, sampler=sampler,
-      operations=[_Prepare(tokenizer_dir(data_dir), max_len),
+      operations=[_Readable(), _Prepare(tokenizer_dir(data_dir), max_len),
                   grain.transforms.Batch(batch_size,
                                          drop_remainder=drop_remainder)],
       worker_count=worker_count)

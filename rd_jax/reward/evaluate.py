@@ -59,7 +59,8 @@ def encode(config, tok, tokens_per_image: int, questions, answers=None):
       answer_len=config.answer_len, cot=config.cot,
       yes_no=(config.rm.yes_id, config.rm.no_id),
       groups=2 if pairwise else 1,
-      noun="video" if config.rm.get("frames") else "image")
+      noun="video" if config.rm.get("frames") else "image",
+      overflow=config.get("prompt_overflow", "error"))
 
 
 # ---------------------------------------------------------------- scoring

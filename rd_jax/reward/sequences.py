@@ -26,6 +26,7 @@ Arrays (B batch, L seq_len, A answer_len):
 from __future__ import annotations
 
 import numpy as np
+from absl import logging
 
 from rd_jax.data import tokenizer as tokenizer_lib
 
@@ -70,14 +71,21 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
            num_images: int, tokens_per_image: int, question_len: int,
            answer_len: int = 1, cot: str = "none",
            yes_no: tuple[int, int] | None = None, groups: int = 1,
-           noun: str = "image") -> dict[str, np.ndarray]:
+           noun: str = "image", overflow: str = "error"
+           ) -> dict[str, np.ndarray]:
   """Questions (and, for training, answers) -> fixed-length arrays above.
 
   Without answers the result is what the reward functions take (compute it
   once per prompt and reuse it). `cot` says where the decision token is in
   the answer: first ("none", "decision_first") or last ("reason_first").
   groups=2 (pairwise) labels the two images / videos `{noun} 1: `, ....
+  A question longer than question_len fails (overflow="error") or keeps
+  its last question_len tokens, the question itself, with a warning
+  (overflow="truncate").
   """
+  if overflow not in ("error", "truncate"):
+    raise ValueError(f"prompt overflow must be 'error' or 'truncate', got "
+                     f"{overflow!r}")
   head = image_block(tok, num_images, tokens_per_image, groups, noun)
   tail = _ids(tok, ASSISTANT)
   length = seq_len(tok, num_images, tokens_per_image, question_len,
@@ -97,9 +105,13 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
     out["decision_index"] = np.zeros((b,), np.int32)
   for i, q in enumerate(q_ids):
     if len(q) > question_len:
-      raise ValueError(
-          f"question of {len(q)} tokens exceeds question_len={question_len}: "
-          f"{questions[i][:80]!r}...; raise config.question_len")
+      msg = (f"question of {len(q)} tokens exceeds question_len="
+             f"{question_len}: {questions[i][:80]!r}...")
+      if overflow == "error":
+        raise ValueError(f"{msg}; raise config.question_len or set "
+                         f"config.prompt_overflow='truncate'")
+      logging.warning("%s; kept its last %d tokens", msg, question_len)
+      q = q[-question_len:]
     prompt = head + q + tail
     n = len(prompt)
     out["input_ids"][i, :n] = prompt
