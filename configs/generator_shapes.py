@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = ("image", "video")
   c.log_every = 50
   c.ckpt_every = 200
+  # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.num_grid = 16  # samples per PNG grid / GIF strip
 
   c.image = _stage()

@@ -101,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # tint / brightness on low-saturation pixels, and random zoom-in.
   c.augment = ml_collections.ConfigDict(dict(
       tint=0.15, brightness=0.08, zoom=1.2, zoom_prob=0.5))
+  # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.eval_every = 20 if arg.smoke else 400
   c.eval_pairs = 16 if arg.smoke else 192      # periodic eval (test_id)
   c.final_eval_pairs = -1                      # -1: the whole split

@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from PIL import Image
 
-from rd_jax import cli, train_util
+from rd_jax import cli, sharding, train_util
 from rd_jax.generation import flow
 from rd_jax.models import generator
 
@@ -204,25 +204,33 @@ def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
                      f"--config.{name}.model.text.vocab_size={vocab}")
   rng = jax.random.key(config.seed)
   k_init, k_train, k_eval = jax.random.split(rng, 3)
-  params = generator.init(st.model, k_init)
   opt = make_optimizer(st)
-  state = {"params": params, "opt": opt.init(params),
-           "ema": jax.tree.map(jnp.copy, params),
-           "step": jnp.zeros((), jnp.int32)}
+
+  def init():
+    params = generator.init(st.model, k_init)
+    return {"params": params, "opt": opt.init(params),
+            "ema": jax.tree.map(jnp.copy, params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  state, state_sh, mesh, rules = train_util.sharded_init(
+      config, init, {"params": generator.logical_specs(st.model)})
   counts = generator.param_count(st.model)
   logging.info("%s generator: %s params", name, counts)
 
   data = train_iterator(config, st, _kind(st))
   ckpt = train_util.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                  save_every=config.ckpt_every)
-  step_fn = jax.jit(functools.partial(train_step, st, opt),
-                    donate_argnums=0)
+  step_fn = train_util.jit_step(functools.partial(train_step, st, opt),
+                                mesh, state_sh)
   keys = ("chosen", "prompt_ids", "prompt_mask")
-  state, info = train_util.train_loop(
-      state, step_fn, data, steps=st.steps, rng=k_train, ckpt=ckpt,
-      writer=writer, workdir=stage_dir,
-      make_batch=lambda b: {k: b[k] for k in keys},
-      max_nonfinite=st.max_nonfinite, log_every=config.log_every, name=name)
+  with jax.set_mesh(mesh):
+    state, info = train_util.train_loop(
+        state, step_fn, data, steps=st.steps, rng=k_train, ckpt=ckpt,
+        writer=writer, workdir=stage_dir,
+        make_batch=lambda b: sharding.global_batch(
+            {k: b[k] for k in keys}, mesh, rules),
+        max_nonfinite=st.max_nonfinite, log_every=config.log_every,
+        name=name)
   ckpt.close()
   if info["preempted"]:
     return {"preempted": True}

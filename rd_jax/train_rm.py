@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rd_jax import cli, train_util
+from rd_jax import cli, sharding, train_util
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
 from rd_jax.reward import losses, model, sequences
@@ -223,7 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   rng = jax.random.key(config.seed)
   k_init, k_train = jax.random.split(rng)
-  state, opt = init_state(config, k_init)
+  opt = make_optimizer(tc)
+  state, state_sh, mesh, rules = train_util.sharded_init(
+      config, lambda: init_state(config, k_init)[0])
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
       state["params"])))
   logging.info("reward model %s (%s): %d params, %d tokens per image",
@@ -235,8 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                               on_corrupt=config.on_corrupt))
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.ckpt_every)
-  step_fn = jax.jit(functools.partial(train_step, config, opt),
-                    donate_argnums=0)
+  step_fn = train_util.jit_step(functools.partial(train_step, config, opt),
+                                mesh, state_sh)
   score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
 
   def periodic_eval(step: int, state: dict) -> None:
@@ -250,13 +252,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.info("step %d eval (test_id, %d pairs): acc=%.3f ece=%.3f",
                  step, m["n"], m["acc"], m["ece"])
 
+  def make_batch(raw: dict) -> dict:
+    return sharding.global_batch(device_batch(config, tok, tpi, raw), mesh,
+                                 rules)
+
   t_train = time.time()
-  state, info = train_util.train_loop(
-      state, step_fn, data, steps=tc.steps, rng=k_train, ckpt=ckpt,
-      writer=writer, workdir=workdir,
-      make_batch=functools.partial(device_batch, config, tok, tpi),
-      on_step=periodic_eval, max_nonfinite=tc.max_nonfinite,
-      log_every=config.log_every)
+  with jax.set_mesh(mesh):
+    state, info = train_util.train_loop(
+        state, step_fn, data, steps=tc.steps, rng=k_train, ckpt=ckpt,
+        writer=writer, workdir=workdir, make_batch=make_batch,
+        on_step=periodic_eval, max_nonfinite=tc.max_nonfinite,
+        log_every=config.log_every)
   train_s = time.time() - t_train
   ckpt.close()
   if info["preempted"]:

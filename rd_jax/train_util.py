@@ -235,6 +235,31 @@ def ema_update(ema: Any, params: Any, step: jax.Array,
   return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
 
+# ---------------------------------------------------------------- sharding
+
+
+def sharded_init(config: ml_collections.ConfigDict, init_fn: Callable[[], Any],
+                 logical: Any = None) -> tuple[Any, Any, Any, Any]:
+  """(state, shardings, mesh, rules) of a trainer: `init_fn()` initialised
+  directly sharded on the config's mesh (`config.mesh.shape`, default
+  (-1, 1, 1): data parallel over every device) under its rules
+  (`config.sharding_rules`, default sharding.DEFAULT_RULES)."""
+  from rd_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.mesh_from_config(config)
+  rules = sharding.rules_from_config(config)
+  state, shardings = sharding.init_sharded(init_fn, mesh, rules, logical)
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  return state, shardings, mesh, rules
+
+
+def jit_step(step: Callable, mesh: Any, state_shardings: Any) -> Callable:
+  """step(state, batch, rng) -> (state, metrics), jitted with the state's
+  shardings kept and its buffers donated."""
+  with jax.set_mesh(mesh):
+    return jax.jit(step, out_shardings=(state_shardings, None),
+                   donate_argnums=0)
+
+
 # ---------------------------------------------------------------- train loop
 
 
@@ -330,7 +355,9 @@ def train_loop(state: dict, step_fn: Callable, data: Iterator, *,
   """
   start = 0
   if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(jax.tree.map(np.zeros_like, state), data)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding), state)
+    state, start = ckpt.restore(abstract, data)
     logging.info("%s: resumed from step %d (%s)", name, start,
                  ckpt.directory)
   log = LossLog(os.path.join(workdir, "losses.jsonl"), start)

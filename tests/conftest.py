@@ -14,3 +14,12 @@ def shapes_tiny(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("shapes_tiny"))
   pipeline.build(data_dir, "tiny", log=lambda *_: None)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def rm_reference(shapes_tiny, tmp_path_factory):
+  """Workdir of one uninterrupted single-device smoke run of train_rm."""
+  import rm_runs
+  workdir = str(tmp_path_factory.mktemp("rm_reference"))
+  rm_runs.run(shapes_tiny, workdir)
+  return workdir

@@ -5,7 +5,6 @@ checkpoint every step) as a user would, interrupt it with SIGKILL (at random
 steps and in the middle of a checkpoint write) and SIGTERM, rerun the same
 command each time, and compare with an uninterrupted run bit for bit.
 """
-import json
 import os
 import random
 import shutil
@@ -25,31 +24,7 @@ from rd_jax import cli, train_util
 from rd_jax.data import pipeline
 from rd_jax.reward import sequences
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
-
-
-def _cmd(data_dir, workdir):
-  return [sys.executable, "-m", "rd_jax.train_rm",
-          "--config=configs/rm_shapes.py:smoke",
-          f"--config.data_dir={data_dir}", f"--workdir={workdir}",
-          f"--config.train.steps={STEPS}", "--config.ckpt_every=1",
-          "--config.eval_every=1000", "--config.final_eval_pairs=8"]
-
-
-def _start(data_dir, workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.Popen(_cmd(data_dir, workdir), cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-
-
-def _lines(workdir) -> list[dict]:
-  path = os.path.join(workdir, "losses.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(x) for x in f if x.endswith("\n")]
+from rm_runs import ROOT, STEPS, losses as _lines, start as _start  # noqa: E402  pylint: disable=g-bad-import-order
 
 
 def _wait_for(proc, cond, timeout=300):
@@ -73,12 +48,9 @@ def _final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_tiny, tmp_path_factory):
-  """An uninterrupted run, and one interrupted four times then finished."""
-  ref = str(tmp_path_factory.mktemp("reference"))
-  p = _start(shapes_tiny, ref)
-  out = p.communicate()[0]
-  assert p.returncode == 0, out
+def runs(shapes_tiny, rm_reference, tmp_path_factory):
+  """The uninterrupted run, and one interrupted four times then finished."""
+  ref = rm_reference
   work = str(tmp_path_factory.mktemp("interrupted"))
   rng = random.Random(0)
   events = []
