@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.eval_every = 20 if arg.smoke else 400
   c.eval_pairs = 16 if arg.smoke else 192      # periodic eval (test_id)
-  c.final_eval_pairs = -1                      # -1: the whole split
+  c.final_eval_pairs = -1           # -1: the whole split; 0: no final eval
   c.eval_batch = 8 if arg.smoke else 64
   c.ckpt_every = 20 if arg.smoke else 400
   c.log_every = 10 if arg.smoke else 50

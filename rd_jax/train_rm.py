@@ -269,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     return {"preempted": True, "steps": int(state["step"])}
 
   evals = evaluate_splits(config, state["params"], tok, score_fn, tpi,
-                          ("test_id", "test_ood"), config.final_eval_pairs)
+                          ("test_id", "test_ood"), config.final_eval_pairs
+                          ) if config.final_eval_pairs else {}
   out = final_metrics(evals)
   out.update(steps=int(state["step"]), params=n_params, train_s=train_s,
              first_loss=info["first_loss"], final_loss=info["last_loss"],
