@@ -267,3 +267,28 @@ def test_real_size_train_step_compiles():
                        state, batch, jax.random.key(0))
   assert out[1]["loss"].shape == ()
   assert "stablehlo" in lowered.as_text()[:2000] or lowered is not None
+
+
+def test_init_scale_scales_matrices_only():
+  """rm.init_scale multiplies weight matrices, not the norm scales or ViT
+  layer-scales (which are [layers, D] in the layer-stacked params)."""
+  rm = tiny_rm()
+  base = model.init(rm, jax.random.key(0))
+  rm.init_scale = 4.0
+  scaled = model.init(rm, jax.random.key(0))
+  flat = dict(jax.tree_util.tree_flatten_with_path(base)[0])
+  seen = set()
+  for path, x in jax.tree_util.tree_flatten_with_path(scaled)[0]:
+    name = jax.tree_util.keystr(path)
+    ratio = 4.0 if model._is_matrix(path, x) else 1.0  # pylint: disable=protected-access
+    np.testing.assert_allclose(x, ratio * flat[path], err_msg=name)
+    if "norm" in name or "scale" in name:
+      assert ratio == 1.0, name
+      seen.add(name)
+  assert any("attn_norm" in n for n in seen)
+  assert any("scale1" in n for n in seen)
+  lm = scaled["vlm"]["language_model"]
+  np.testing.assert_allclose(lm["layers"]["attn_norm"][...], 1.0)
+  np.testing.assert_allclose(
+      lm["layers"]["attn"]["q"][...],
+      4.0 * base["vlm"]["language_model"]["layers"]["attn"]["q"][...])

@@ -37,19 +37,27 @@ def _float(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _is_matrix(path, x) -> bool:
+  """A weight matrix (>= 2 dims besides the stacked `layers` axis)."""
+  stacked = any(getattr(k, "key", None) == "layers" for k in path)
+  return x.ndim - int(stacked) >= 2
+
+
 def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   """Random reward-model params: the InternVL backbone and a scalar head.
 
   rm.init_scale (default 1) multiplies every matrix of the backbone's
-  HF-style init (std 0.02, tuned for widths ~1000): tiny from-scratch
-  ShapesWorld models (width ~100) need ~1/sqrt(width) to escape the
-  order-symmetric plateau of pairwise training quickly.
+  HF-style init (std 0.02, tuned for widths ~1000). Only matrices: the
+  layer-stacked params under `layers` carry a leading layer axis, so a norm
+  scale or ViT layer-scale there is [layers, D] and is left alone (scaling
+  it too made init_scale=4 blow up the residual stream).
   """
   d = rm.model.text.hidden_size
   vlm = internvl.init(rm.model, rng)
   scale = rm.get("init_scale", 1.0)
   if scale != 1.0:
-    vlm = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, vlm)
+    vlm = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * scale if _is_matrix(path, x) else x, vlm)
   return {"vlm": vlm,
           "head": {"w": jnp.zeros((d,), jnp.float32),
                    "b": jnp.zeros((), jnp.float32)}}
