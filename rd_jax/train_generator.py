@@ -115,7 +115,7 @@ def train_step(st, opt, state: dict, batch: dict, rng: jax.Array):
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   new, skipped = train_util.apply_gradients(state, grads, opt, st.ema_decay,
                                            loss=loss)
-  return new, {"loss": loss, "grad_norm": optax.global_norm(grads),
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "skipped": skipped}
 
 

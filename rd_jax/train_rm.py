@@ -170,7 +170,7 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
       functools.partial(loss_fn, config), has_aux=True)(
           state["params"], seq, chosen, rejected)
   new, skipped = train_util.apply_gradients(state, grads, opt, loss=loss)
-  return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+  return new, dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    skipped=skipped)
 
 

@@ -207,7 +207,7 @@ def apply_gradients(state: dict, grads: Any, opt: Any,
   (params, optimiser and EMA stay as they were; `step` still advances):
   returns (new state, skipped: bool scalar).
   """
-  skipped = ~jnp.isfinite(optax.global_norm(grads))
+  skipped = ~jnp.isfinite(optax.tree.norm(grads))
   if loss is not None:
     skipped |= ~jnp.isfinite(loss)
   grads = jax.tree.map(lambda g: jnp.where(skipped, 0, g), grads)
