@@ -210,7 +210,6 @@ def apply_gradients(state: dict, grads: Any, opt: Any,
   skipped = ~jnp.isfinite(optax.tree.norm(grads))
   if loss is not None:
     skipped |= ~jnp.isfinite(loss)
-  grads = jax.tree.map(lambda g: jnp.where(skipped, 0, g), grads)
   updates, opt_state = opt.update(grads, state["opt"], state["params"])
   new = dict(state, params=optax.apply_updates(state["params"], updates),
              opt=opt_state)
@@ -276,7 +275,7 @@ class LossLog:
   """
 
   def __init__(self, path: str, start: int):
-    self.path, kept, self.rows = path, [], []
+    self.path, kept, self.last = path, [], None
     if os.path.exists(path):
       with open(path) as f:
         for line in f:
@@ -286,7 +285,7 @@ class LossLog:
             break  # a line cut by a kill: everything after is stale
           if row["step"] <= start:
             kept.append(json.dumps(row) + "\n")
-            self.rows.append(row)
+            self.last = row
     with open(f"{path}.tmp", "w") as f:
       f.writelines(kept)
     os.replace(f"{path}.tmp", path)
@@ -364,7 +363,7 @@ def train_loop(state: dict, step_fn: Callable, data: Iterator, *,
   progress = Progress(steps, writer, first_step=start, every=log_every,
                       name=name)
   watch = _PreemptionWatch(ckpt)
-  done = log.rows[-1]["loss"] if log.rows else None  # nothing left to run
+  done = log.last["loss"] if log.last else None  # if nothing is left to run
   info = {"start": start, "preempted": False, "first_loss": done,
           "last_loss": done, "skipped": 0}
   bad_run = collections.deque()  # (step, record ids) of consecutive skips
@@ -392,7 +391,7 @@ def train_loop(state: dict, step_fn: Callable, data: Iterator, *,
           f"{bad_run[-1][0]}: {list(np.asarray(bad_run[-1][1]).tolist())}); "
           f"their updates were skipped")
 
-  pending, step = None, start
+  pending = None
   try:
     for step in range(start, steps):
       raw = next(data)

@@ -114,10 +114,8 @@ class _Checked:
       raise ValueError(f"on_corrupt must be 'fail' or 'skip', got "
                        f"{on_corrupt!r}")
     self.source, self.on_corrupt, self.skipped = source, on_corrupt, 0
+    self.args = (data_dir, kind, scale)
     self.where = f"ShapesWorld {kind}/{scale} {split} in {data_dir}"
-    self.fix = (f"rebuild it (delete {_builder(data_dir, kind, scale).data_dir}"
-                f" and run python -m rd_jax.data.build --data_dir={data_dir} "
-                f"--scale={scale})")
 
   def __len__(self) -> int:
     return len(self.source)
@@ -130,9 +128,12 @@ class _Checked:
       return self.source[i]
     except Exception as e:  # pylint: disable=broad-except
       if self.on_corrupt == "fail":
+        data_dir, kind, scale = self.args
         raise CorruptRecordError(
-            f"corrupt record {i} of {self.where}: {e}; {self.fix}, or set "
-            f"config.on_corrupt='skip' to skip and count such records"
+            f"corrupt record {i} of {self.where}: {e}; rebuild it (delete "
+            f"{_builder(data_dir, kind, scale).data_dir} and run python -m "
+            f"rd_jax.data.build --data_dir={data_dir} --scale={scale}), or "
+            f"set config.on_corrupt='skip' to skip and count such records"
         ) from None
       self.skipped += 1
       logging.warning("skipped corrupt record %d of %s (%d skipped so far): "
