@@ -83,8 +83,9 @@ def guided_velocity(velocity_fn: VelocityFn, params, x, t, cond,
 def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
            velocity_fn: VelocityFn, uncond=None, cfg_scale: float = 1.0,
            grad_from_step: jax.Array | int = 0,
-           known: tuple[jax.Array, jax.Array] | None = None):
-  """Solves the flow ODE from t=1 (noise) to t=0.
+           known: tuple[jax.Array, jax.Array] | None = None,
+           span: tuple[jax.Array, jax.Array] | None = None):
+  """Solves the flow ODE from t=1 (noise) to t=0, or over `span`.
 
   Args:
     params: generator parameters, passed to `velocity_fn`.
@@ -99,12 +100,18 @@ def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
       traced; 0 = differentiable end to end.
     known: (mask, value), both broadcastable to noise: where mask is 1 the
       state is held at `value` throughout (image-to-video first frame).
+    span: (t_from, t_to), possibly traced: solve only this segment, with
+      `schedule.num_steps` evenly spaced steps (no time shift); `noise` is
+      then the state at t_from (search over paths).
 
   Returns:
     (x0 [B, ...], x̂0 of every step [N, B, ...]); for Heun, x̂0 is taken from
     the first velocity evaluation of the step.
   """
-  ts = timesteps(schedule)
+  if span is None:
+    ts = timesteps(schedule)
+  else:
+    ts = jnp.linspace(span[0], span[1], schedule.num_steps + 1)
   b = noise.shape[0]
 
   def clamp(x):
