@@ -85,6 +85,11 @@ def to_model_space(pixels_uint8: jax.Array) -> jax.Array:
   return pixels_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
+def to_unit(x: jax.Array) -> jax.Array:
+  """Model space -> reward-model pixels in [0, 1] (differentiable)."""
+  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
 def to_pixels(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 

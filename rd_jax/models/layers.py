@@ -15,6 +15,11 @@ from flax import nnx
 from rd_jax import sharding
 
 
+def at_least_f32(x: jax.Array) -> jax.Array:
+  """x in float32, or wider (float64 stays float64: finite-difference tests)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Linear(nnx.Module):
   """y = x @ kernel + bias; kernel [in, out] with logical names `names`."""
 
@@ -44,14 +49,14 @@ class RMSNorm(nnx.Module):
     self.weight = sharding.param(jnp.ones((dim,)), (name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
+    xf = at_least_f32(x)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
     return (y * self.weight[...]).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """LayerNorm without affine parameters (AdaLN supplies scale and shift)."""
-  xf = x.astype(jnp.float32)
+  xf = at_least_f32(x)
   mean = jnp.mean(xf, -1, keepdims=True)
   var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
   return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)

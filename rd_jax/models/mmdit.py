@@ -38,8 +38,8 @@ import numpy as np
 from flax import nnx
 
 from rd_jax import sharding
-from rd_jax.models.layers import (Linear, RMSNorm, gelu_tanh, layer_norm,
-                                  scan_layers)
+from rd_jax.models.layers import (Linear, RMSNorm, at_least_f32, gelu_tanh,
+                                  layer_norm, scan_layers)
 
 # ---------------------------------------------------------------- embeddings
 
@@ -119,7 +119,7 @@ def rope(ids: jax.Array, axes_dim, theta: float = 10000.0):
 
 def apply_rope(x, cos, sin):
   """Rotates interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, K]."""
-  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  xf = at_least_f32(x).reshape(*x.shape[:-1], -1, 2)
   re, im = xf[..., 0], xf[..., 1]
   c, s = cos[None, :, None], sin[None, :, None]
   out = jnp.stack([re * c - im * s, re * s + im * c], -1)
@@ -128,7 +128,7 @@ def apply_rope(x, cos, sin):
 
 def attention(q, k, v, key_mask):
   """Softmax attention; q,k,v [B, S, H, K], key_mask [B, S] bool."""
-  logits = jnp.einsum("bshk,bthk->bhst", q, k).astype(jnp.float32)
+  logits = at_least_f32(jnp.einsum("bshk,bthk->bhst", q, k))
   logits = logits / math.sqrt(q.shape[-1])
   # Finite fill: a fully masked row (no text at all) stays well defined.
   logits = jnp.where(key_mask[:, None, None, :], logits, -1e9)
@@ -302,7 +302,7 @@ class MMDiT(nnx.Module):
         h, self.single_transformer_blocks, self.remat)
     x = h[:, n_txt:]
     scale, shift = self.norm_out(temb)
-    return self.proj_out(modulate(x, shift, scale)).astype(jnp.float32)
+    return at_least_f32(self.proj_out(modulate(x, shift, scale)))
 
 
 # ---------------------------------------------------------------- patchify
