@@ -135,6 +135,17 @@ def sample_pixels(st, params, ids, mask, noise, known=None):
   return generator.to_pixels(x)
 
 
+_SAMPLERS = {}
+
+
+def _jit_sampler(st):
+  """`sample_pixels` jitted once per stage config (evaluation runs often)."""
+  key = st.to_json()
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = jax.jit(functools.partial(sample_pixels, st))
+  return _SAMPLERS[key]
+
+
 def evaluate(config, st, params, tok, rng: jax.Array, task: str):
   """Samples held-out prompts; returns (verdicts, specs, uint8 samples)."""
   oracle, _, tokenizer, world = _data_modules()
@@ -155,7 +166,7 @@ def evaluate(config, st, params, tok, rng: jax.Array, task: str):
     first = generator.to_model_space(generator.resize(first, r))
     known = (first_frame_mask(jnp.ones(len(specs), bool), st.frames),
              jnp.broadcast_to(first[:, None], shape))
-  fn = jax.jit(functools.partial(sample_pixels, st))
+  fn = _jit_sampler(st)
   out = []
   for i in range(0, len(specs), st.eval_batch):
     sl = slice(i, i + st.eval_batch)

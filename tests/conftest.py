@@ -23,3 +23,14 @@ def rm_reference(shapes_tiny, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("rm_reference"))
   rm_runs.run(shapes_tiny, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def gen_smoke(shapes_tiny, tmp_path_factory):
+  """(config, workdir, metrics) of one smoke run of the generator SFT."""
+  from configs import generator_shapes
+  from rd_jax import train_generator
+  cfg = generator_shapes.get_config("smoke")
+  cfg.data_dir = shapes_tiny
+  workdir = str(tmp_path_factory.mktemp("gen"))
+  return cfg, workdir, train_generator.train_and_evaluate(cfg, workdir)

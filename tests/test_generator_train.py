@@ -1,5 +1,7 @@
 """Generator SFT: a short run of the real train step lowers the loss, and the
-I2V first frame is masked out of the loss."""
+I2V first frame is masked out of the loss; the smoke trainer writes what it
+promises and resumes; `generate` samples it with a reward-model verifier."""
+import copy
 import functools
 import json
 import os
@@ -7,9 +9,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from configs import generator_shapes
-from rd_jax import train_generator
+from configs import generate_shapes, generator_shapes
+from rd_jax import generate, train_generator
 from rd_jax.data import world
 from rd_jax.generation import flow
 from rd_jax.models import generator
@@ -87,11 +90,9 @@ def test_i2v_mask_excludes_the_given_first_frame_from_the_loss():
   assert float(loss_all) > 1.0
 
 
-def test_smoke_run_writes_metrics_samples_and_resumes(shapes_tiny, tmp_path):
-  cfg = generator_shapes.get_config("smoke")
-  cfg.data_dir = shapes_tiny
-  workdir = str(tmp_path / "gen")
-  m = train_generator.train_and_evaluate(cfg, workdir)
+def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
+  cfg, workdir, m = gen_smoke
+  cfg = copy.deepcopy(cfg)
   for key in ("oracle_t2i", "oracle_t2v", "oracle_i2v", "wall_s"):
     assert 0.0 <= m[key] <= 1.0 or key == "wall_s", (key, m[key])
   assert set(m["oracle_by_category"]) == {"t2i", "t2v", "i2v"}
@@ -108,3 +109,30 @@ def test_smoke_run_writes_metrics_samples_and_resumes(shapes_tiny, tmp_path):
   m2 = train_generator.train_and_evaluate(cfg, workdir)
   assert os.path.isdir(f"{workdir}/image/checkpoints/{cfg.image.steps}")
   assert np.isfinite(m2["final_loss_image"])
+
+
+def test_generate_counts_nfe_and_needs_a_pointwise_verifier_to_search(
+    gen_smoke, rm_reference, tmp_path):
+  st = gen_smoke[0].image
+  c = generate_shapes.get_config("smoke")
+  c.generator, c.verifier.checkpoint = gen_smoke[1], rm_reference
+  c.modes = ("plain", "best_of_n")
+  m = generate.run(c, str(tmp_path / "g"))
+  per_step = 2  # classifier-free guidance: two forward passes per step
+  assert st.cfg_scale != 1 and st.solver == "euler"
+  rows = [(r["mode"], r.get("steps"), r.get("n"), r["nfe_generator"],
+           r["nfe_verifier"]) for r in m["curves"]]
+  # rm_reference is pairwise: Best-of-N ranks by round-robin symmetric
+  # comparisons, 2·N·(N−1) verifier passes.
+  assert rows == [("plain", 2, None, 2 * per_step, 0),
+                  ("best_of_n", None, 1, st.sample_steps * per_step, 0),
+                  ("best_of_n", None, 2, 2 * st.sample_steps * per_step, 4)]
+  assert all(0.0 <= r["oracle"] <= 1.0 for r in m["curves"])
+  for name in ("final_metrics.json", "oracle_vs_nfe.png",
+               "samples_plain.png", "samples_best_of_n.png"):
+    assert os.path.exists(tmp_path / "g" / name), name
+  c.modes = ("search_over_paths",)
+  with pytest.raises(ValueError, match=(
+      "search_over_paths needs a pointwise verifier; --config.verifier."
+      "checkpoint is a pairwise_generative RM")):
+    generate.run(c, str(tmp_path / "g2"))

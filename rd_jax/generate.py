@@ -1,0 +1,295 @@
+r"""Inference-time scaling with the reward model as verifier (T2I).
+
+  python -m rd_jax.generate --config=configs/generate_shapes.py \
+      --config.generator=GEN_WORKDIR --config.verifier.checkpoint=RM_WORKDIR \
+      --workdir=DIR
+
+Samples held-out (test_id) ShapesWorld prompts with the SFT generator's EMA
+params in three modes (configs/generate_shapes.py): plain sampling, Best-of-N
+and Search over Paths (rd_jax/generation/search.py), scores the returned
+samples with the oracle and writes
+
+  DIR/final_metrics.json  curves: [{mode, n, m, steps, nfe_generator,
+                          nfe_verifier, oracle, by_category}; Best-of-N
+                          rows add oracle_pass_at_n: the share of prompts
+                          with some right candidate], verifier, wall_s
+  DIR/oracle_vs_nfe.png   oracle alignment against generator NFE per prompt
+  DIR/samples_<mode>.png  grids of returned samples
+
+NFE are per prompt and count one forward pass of one sample: a CFG step is
+2, a Heun step 2 (×2 with CFG). A symmetric pairwise verifier call is 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rd_jax import cli, eval_rm, train_generator, train_util
+from rd_jax.generation import flow, search
+from rd_jax.models import generator, internvl
+from rd_jax.reward import evaluate as rm_eval
+from rd_jax.reward import model as rm_model
+
+
+def load_generator(workdir: str, stage: str):
+  """(config, stage config, EMA params) of a train_generator workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"no config.json in {workdir!r}; --config.generator must be a "
+        f"train_generator --workdir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  st = config[stage]
+  opt = train_generator.make_optimizer(st)
+
+  def init():
+    params = generator.init(st.model, jax.random.key(0))
+    return {"params": params, "opt": opt.init(params), "ema": params,
+            "step": jnp.zeros((), jnp.int32)}
+
+  ckpt = train_util.Checkpointer(os.path.join(workdir, stage, "checkpoints"))
+  state, step = ckpt.restore(jax.eval_shape(init))
+  ckpt.close()
+  logging.info("generator %s/%s: step %d", workdir, stage, step)
+  return config, st, state["ema"]
+
+
+def nfe_per_step(st) -> int:
+  return (2 if st.solver == "heun" else 1) * (2 if st.cfg_scale != 1 else 1)
+
+
+class Verifier:
+  """A trained reward model as a jit-able verifier of generator samples."""
+
+  def __init__(self, checkpoint: str, data_dir: str | None):
+    self.config, self.params, _, self.tok = eval_rm.load(checkpoint, data_dir)
+    self.paradigm = self.config.paradigm
+    if self.paradigm == "pointwise_regressive":
+      raise ValueError("a regressive RM has no P(yes); train a "
+                       "pointwise_generative or pairwise_generative verifier")
+    self.tpi = internvl.tokens_per_image(self.config.rm.model)
+
+  @property
+  def pointwise(self) -> bool:
+    return self.paradigm == "pointwise_generative"
+
+  def questions(self, specs) -> dict:
+    from rd_jax.data import world  # pylint: disable=g-import-not-at-top
+    batch = {"prompt": [world.prompt(s).encode() for s in specs],
+             "spec": [s.to_json().encode() for s in specs]}
+    q = rm_eval.encode(self.config, self.tok, self.tpi,
+                       rm_eval.questions_of(self.config, batch))
+    return {k: jnp.asarray(v) for k, v in q.items()}
+
+  def score_fn(self, params, q):
+    """x0 [B, ...] (model space) -> P("yes") [B] (pointwise verifiers)."""
+    return lambda x: rm_model.pointwise_reward(self.config.rm, params,
+                                               generator.to_unit(x), q)
+
+  def pair_fn(self, params, q):
+    """(ref, cand) -> symmetric P(cand better) [B] (pairwise verifiers)."""
+    return lambda ref, cand: rm_model.pairwise_reward(
+        self.config.rm, params, generator.to_unit(ref),
+        generator.to_unit(cand), q, symmetric=True)
+
+
+def _cond(st, params, ids, mask):
+  cond = generator.encode_text(st.model, params, ids, mask)
+  return cond, generator.unconditional(cond)
+
+
+def plain(st, steps, params, ids, mask, noise):
+  cond, uncond = _cond(st, params, ids, mask)
+  return flow.sample(params, noise, cond,
+                     flow.Schedule(steps, st.sample_shift, st.solver),
+                     velocity_fn=generator.velocity_fn(st.model),
+                     uncond=uncond, cfg_scale=st.cfg_scale)[0]
+
+
+def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
+  """Best-of-N pool: samples [N, B, ...] and verifier scores [N, B]
+  (pointwise P(yes), or nothing for a pairwise verifier)."""
+  sample_fn = functools.partial(plain, st, st.sample_steps, params, ids,
+                                mask)
+  if verifier.pointwise:
+    _, samples, scores = search.best_of_n(
+        sample_fn, verifier.score_fn(rm_params, q), noise)
+    return samples, scores
+  return jax.vmap(sample_fn)(noise), None
+
+
+def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
+  cond, uncond = _cond(st, params, ids, mask)
+
+  def segment_fn(x, t_from, t_to, steps):
+    x, x0s = flow.sample(params, x, cond, flow.Schedule(steps, 1.0,
+                                                        st.solver),
+                         velocity_fn=generator.velocity_fn(st.model),
+                         uncond=uncond, cfg_scale=st.cfg_scale,
+                         span=(t_from, t_to))
+    return x, x0s[-1]
+
+  best, _ = search.search_over_paths(
+      segment_fn, verifier.score_fn(rm_params, q), noise, rng, cfg)
+  return best
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from rd_jax.data import oracle, pipeline, tokenizer, world  # pylint: disable=g-import-not-at-top
+  for key in ("generator", "verifier.checkpoint"):
+    node = config
+    for k in key.split("."):
+      node = node[k]
+    if not node:
+      raise ValueError(f"set --config.{key} (a "
+                       f"{'train_generator' if key == 'generator' else 'train_rm'}"
+                       f" workdir)")
+  train_util.prepare_workdir(workdir)
+  train_util.save_config(workdir, config)
+  t0 = time.time()
+  gcfg, st, params = load_generator(config.generator, config.stage)
+  if st.frames:
+    raise ValueError("generate supports the image stage (T2I) only so far")
+  data_dir = config.data_dir or gcfg.data_dir
+  verifier = Verifier(config.verifier.checkpoint, data_dir)
+  tok = tokenizer.load(pipeline.tokenizer_dir(data_dir))
+  specs = world.eval_specs("image", "test_id", n=config.eval_n,
+                           seed=config.seed)
+  ids, mask = tokenizer.encode(tok, [world.prompt(s) for s in specs],
+                               st.model.text.max_len)
+  r = st.resolution
+  n_max = max([1] + list(config.best_of_n) +
+              [n for n, _ in config.search.paths])
+  noise_all = jax.random.normal(jax.random.key(config.seed),
+                                (n_max, len(specs), r, r, 3))
+  q_all = verifier.questions(specs)
+  per_step = nfe_per_step(st)
+  curves, grids = [], {}
+
+  def record(mode, samples, nfe_g, nfe_v, **kw):
+    samples = np.asarray(generator.to_pixels(samples))
+    verdicts = oracle.score_batch(samples, specs)
+    cats = {str(k): float(v) for k, v in
+            oracle.by_category(verdicts, specs).items()}
+    row = dict(mode=mode, nfe_generator=int(nfe_g), nfe_verifier=int(nfe_v),
+               oracle=cats["overall"], by_category=cats, **kw)
+    curves.append(row)
+    grids[mode] = samples
+    logging.info("%s %s: oracle %.3f (NFE generator %d, verifier %d)", mode,
+                 kw, cats["overall"], nfe_g, nfe_v)
+
+  def over_prompts(fn, n_noise=1):
+    """fn(ids, mask, q, noise [n_noise, b, ...], rng) per eval batch."""
+    out = []
+    for i in range(0, len(specs), config.eval_batch):
+      sl = slice(i, i + config.eval_batch)
+      out.append(jax.device_get(fn(
+          ids[sl], mask[sl], jax.tree.map(lambda a, sl=sl: a[sl], q_all),
+          noise_all[:n_noise, sl],
+          jax.random.fold_in(jax.random.key(config.seed), i))))
+    return out
+
+  if "plain" in config.modes:
+    for steps in config.plain_steps:
+      fn = jax.jit(lambda ids, mask, q, noise, rng, steps=steps: plain(
+          st, steps, params, ids, mask, noise[0]))
+      record("plain", np.concatenate(over_prompts(fn)), steps * per_step, 0,
+             steps=steps)
+
+  if "best_of_n" in config.modes:
+    fn = jax.jit(lambda ids, mask, q, noise, rng: candidates(
+        st, verifier, params, verifier.params, ids, mask, q, noise))
+    n_pool = max(config.best_of_n)
+    out = over_prompts(fn, n_pool)
+    pool = np.concatenate([o[0] for o in out], 1)
+    # The oracle on every candidate: pass@N (some candidate is right) is the
+    # most a perfect verifier could pick, the headroom over the RM's pick.
+    right = np.stack([oracle.score_batch(np.asarray(generator.to_pixels(p)),
+                                         specs) for p in pool])
+    wins_fn = jax.jit(lambda s, q: search.round_robin_wins(
+        verifier.pair_fn(verifier.params, q), s))
+    for n in config.best_of_n:
+      if verifier.pointwise:
+        sc = np.concatenate([o[1] for o in out], 1)[:n]
+        nfe_v = n
+      else:
+        sc = np.concatenate([np.asarray(wins_fn(
+            pool[:n, i:i + config.eval_batch],
+            jax.tree.map(lambda a, i=i: a[i:i + config.eval_batch], q_all)))
+            for i in range(0, len(specs), config.eval_batch)], 1)
+        nfe_v = 2 * n * (n - 1)
+      best = np.take_along_axis(
+          pool[:n], np.argmax(sc, 0)[None, :, None, None, None], 0)[0]
+      record("best_of_n", best, n * st.sample_steps * per_step, nfe_v, n=n,
+             oracle_pass_at_n=float(right[:n].any(0).mean()))
+
+  if "search_over_paths" in config.modes:
+    if not verifier.pointwise:
+      raise ValueError("search_over_paths needs a pointwise verifier; "
+                       "--config.verifier.checkpoint is a "
+                       f"{verifier.paradigm} RM")
+    for n, m in config.search.paths:
+      cfg = search.PathSearch(
+          n=n, m=m, sigma_start=config.search.sigma_start,
+          delta_f=config.search.delta_f, delta_b=config.search.delta_b,
+          steps_start=config.search.steps_start,
+          steps_round=config.search.steps_round)
+      fn = jax.jit(functools.partial(paths, st, verifier, cfg, params,
+                                     verifier.params))
+      out = over_prompts(fn, n)
+      nfe = cfg.nfe(per_step)
+      record("search_over_paths", np.concatenate(out), nfe["nfe_generator"],
+             nfe["nfe_verifier"], n=n, m=m)
+
+  for mode, samples in grids.items():
+    train_generator.save_grid(os.path.join(workdir, f"samples_{mode}"),
+                              samples, config.num_grid)
+  plot(curves, os.path.join(workdir, "oracle_vs_nfe.png"))
+  metrics = {"curves": curves, "verifier": verifier.paradigm,
+             "wall_s": time.time() - t0}
+  train_util.write_json(os.path.join(workdir, "final_metrics.json"), metrics)
+  return metrics
+
+
+def plot(curves: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for mode in dict.fromkeys(c["mode"] for c in curves):
+    rows = sorted((c for c in curves if c["mode"] == mode),
+                  key=lambda c: c["nfe_generator"])
+    ax.plot([c["nfe_generator"] for c in rows], [c["oracle"] for c in rows],
+            "o-", label=mode)
+  bon = sorted((c for c in curves if "oracle_pass_at_n" in c),
+               key=lambda c: c["nfe_generator"])
+  if bon:
+    ax.plot([c["nfe_generator"] for c in bon],
+            [c["oracle_pass_at_n"] for c in bon], "k--",
+            label="pass@N (a perfect verifier)")
+  ax.set_xscale("log")
+  ax.set_xlabel("generator NFE per prompt")
+  ax.set_ylabel("oracle alignment (held-out T2I)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  run(cli.CONFIG.value, cli.WORKDIR.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)
