@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from rd_jax import sharding
@@ -321,6 +321,7 @@ def generator_job(config, batch: int) -> Job:
 def refl_step(gcfg, rm_config, refl, opt, state: dict, frozen: dict,
               batch: dict, rng: jax.Array):
   """One ReFL update (DESIGN.md §2.4) with a static step index k."""
+  from rd_jax import train_util  # pylint: disable=g-import-not-at-top
   from rd_jax.generation import flow  # pylint: disable=g-import-not-at-top
   from rd_jax.models import generator, vae  # pylint: disable=g-import-not-at-top
   from rd_jax.reward import model as rm_model  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,8 @@
-"""ReFL with the RewardDance reward (DESIGN.md §2.4): the loss.
+r"""ReFL with the RewardDance reward (DESIGN.md §2.4): loss and trainer.
+
+  python -m rd_jax.refl --config=configs/refl_shapes.py \
+      --config.generator=GEN_WORKDIR --config.reward.checkpoint=RM_WORKDIR \
+      --workdir=DIR
 
     loss, aux = refl_loss(gen_params, rm_params, batch, rng, cfg)
 
@@ -21,10 +25,19 @@ chosen uint8 [B, 64, 64, 3] (β > 0).
 """
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
 
-from rd_jax.generation import flow
+from rd_jax import cli, eval_rm, generate, sharding, train_generator, train_util
+from rd_jax.generation import flow, search
 from rd_jax.models import generator
 from rd_jax.reward import model as rm_model
 
@@ -60,12 +73,20 @@ def refl_loss(gen_params, rm_params, batch: dict, rng: jax.Array, cfg):
   r = st.resolution
   noise = jax.random.normal(k_noise, (ids.shape[0], r, r, 3))
   k = jax.random.randint(k_step, (), lo, hi + 1)
-  _, x0s = flow.sample(gen_params, noise, cond,
-                       flow.Schedule(rc.steps, st.sample_shift, st.solver),
-                       velocity_fn=generator.velocity_fn(st.model),
-                       uncond=generator.unconditional(cond),
-                       cfg_scale=st.cfg_scale, grad_from_step=k)
-  x0 = x0s[k]
+  vel = generator.velocity_fn(st.model)
+  # Steps 0..k-1 with frozen params: no tangents, so no backward pass
+  # through them at all (cheaper than a stop_gradient inside the scan).
+  frozen = jax.lax.stop_gradient(gen_params)
+  cond_f = generator.encode_text(st.model, frozen, ids, mask)
+  sched = flow.Schedule(rc.steps, st.sample_shift, st.solver)
+  x_k, _ = flow.sample(frozen, noise, cond_f, sched, velocity_fn=vel,
+                       uncond=generator.unconditional(cond_f),
+                       cfg_scale=st.cfg_scale, stop_at=k)
+  # Step k's x̂0 with gradient.
+  t_k = jnp.full((ids.shape[0],), flow.timesteps(sched)[k], x_k.dtype)
+  v = flow.guided_velocity(vel, gen_params, x_k, t_k, cond,
+                           generator.unconditional(cond), st.cfg_scale)
+  x0 = flow.x0_from_v(x_k, t_k, v)
   rew = reward(cfg, rm_params, generator.to_unit(x0), batch)
   loss = jnp.mean(jax.nn.relu(rc.lam - rew)) * rc.scale
   fm = jnp.zeros(())
@@ -76,3 +97,251 @@ def refl_loss(gen_params, rm_params, batch: dict, rng: jax.Array, cfg):
         t_sampling=st.t_sampling, shift=st.train_shift)
     loss = loss + rc.beta * fm
   return loss, {"reward": rew, "k": k, "x0": x0, "fm_loss": fm}
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def _questions(rm_config, tok, specs) -> dict:
+  from rd_jax.data import world  # pylint: disable=g-import-not-at-top
+  from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
+  from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
+  batch = {"prompt": [world.prompt(s).encode() for s in specs],
+           "spec": [s.to_json().encode() for s in specs]}
+  return rm_eval.encode(rm_config, tok,
+                        internvl.tokens_per_image(rm_config.rm.model),
+                        rm_eval.questions_of(rm_config, batch))
+
+
+def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
+               log=logging.info) -> np.ndarray:
+  """Best-of-N references [P, top_k, R, R, 3] in [0, 1]: N SFT samples per
+  prompt (one vmapped call), ranked by round-robin symmetric pairwise wins
+  under the reward model, the top (or bottom) k kept."""
+  rc = config.references
+  r = st.resolution
+
+  def one_batch(ids, mask, q, noise):
+    samples = jax.vmap(lambda z: generate.plain(
+        st, st.sample_steps, gen_params, ids, mask, z))(noise)
+    wins = search.round_robin_wins(
+        lambda a, b: rm_model.pairwise_reward(
+            rm_config.rm, rm_params, generator.to_unit(a),
+            generator.to_unit(b), q, symmetric=True), samples)
+    keep = search.select(wins, rc.top_k, bottom=rc.bottom)
+    return generator.to_unit(search._take(samples, keep))  # pylint: disable=protected-access
+
+  fn = jax.jit(one_batch)
+  out, t0, bs = [], time.time(), config.eval_batch
+  key = jax.random.key(config.seed + 17)
+  for i in range(0, len(ids), bs):
+    sl = slice(i, i + bs)
+    noise = jax.random.normal(jax.random.fold_in(key, i),
+                              (rc.n, len(ids[sl]), r, r, 3))
+    out.append(np.asarray(fn(ids[sl], mask[sl],
+                             jax.tree.map(lambda a, sl=sl: a[sl], q), noise)))
+    log(f"references: {i + len(ids[sl])}/{len(ids)} prompts "
+        f"({time.time() - t0:.0f}s)")
+  return np.moveaxis(np.concatenate(out, 1), 0, 1)
+
+
+def diversity(st, params, ids, mask, noise) -> jax.Array:
+  """Mean pixel std across samples of the same prompt, one per noise
+  [seeds, B, ...] (jit this)."""
+  x = jax.vmap(lambda z: generate.plain(st, st.sample_steps, params, ids,
+                                        mask, z))(noise)
+  return jnp.mean(jnp.std(generator.to_unit(x), axis=0))
+
+
+def window_std(values, window: int) -> list[float]:
+  """Std of the last `window` values at every step (the hacking signal)."""
+  v = np.asarray(values, np.float64)
+  return [float(v[max(0, i + 1 - window):i + 1].std()) for i in range(len(v))]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict:
+  from rd_jax.data import oracle, world  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+  for key, what in (("generator", "train_generator"),
+                    ("reward.checkpoint", "train_rm")):
+    node = config
+    for k in key.split("."):
+      node = node[k]
+    if not node:
+      raise ValueError(f"set --config.{key} (a {what} workdir)")
+  train_util.prepare_workdir(workdir)
+  train_util.save_config(workdir, config)
+  writer = train_util.metric_writer(workdir)
+  t0 = time.time()
+  gcfg, st, sft = generate.load_generator(config.generator, config.stage)
+  if st.frames:
+    raise ValueError("refl supports the image stage (T2I) only so far")
+  rm_config, rm_params, _, tok = eval_rm.load(config.reward.checkpoint,
+                                              gcfg.data_dir)
+  cfg = ml_collections.ConfigDict(dict(gen=st, rm=rm_config.rm,
+                                       refl=config.refl))
+  cfg.rm.paradigm = rm_config.paradigm
+  pairwise = rm_config.paradigm == "pairwise_generative"
+
+  # The training prompts: a fixed pool of train-split specs, with their
+  # questions, a clean render each (flow-matching term) and references.
+  specs = world.eval_specs("image", "train", n=config.references.prompts,
+                           seed=config.seed)
+  from rd_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  ids, mask = tokenizer.encode(tok, [world.prompt(s) for s in specs],
+                               st.model.text.max_len)
+  q = _questions(rm_config, tok, specs)
+  np_rng = np.random.default_rng([config.seed, 5])
+  chosen = np.stack([world.render(s, np_rng) for s in specs])
+  ref_path = os.path.join(workdir, "references.npz")
+  t_ref = time.time()
+  if not pairwise:
+    refs = np.zeros((len(specs), 1, 1, 1, 3), np.float32)  # unused
+  elif os.path.exists(ref_path):
+    refs = np.load(ref_path)["references"]
+  else:
+    refs = references(config, st, sft, rm_config, rm_params, ids, mask, q)
+    np.savez(ref_path + ".tmp.npz", references=refs)
+    os.replace(ref_path + ".tmp.npz", ref_path)
+  references_s = time.time() - t_ref
+  k_refs = refs.shape[1]
+
+  # Resumable data: record j = (prompt j // k, reference j % k), shuffled.
+  data = iter(grain.MapDataset.range(len(specs) * k_refs)
+              .shuffle(seed=config.seed).repeat()
+              .batch(config.train.batch_size, drop_remainder=True)
+              .map(lambda j: {"id": j}).to_iter_dataset())
+
+  def make_batch(raw):
+    j = np.asarray(raw["id"])
+    p, slot = j // k_refs, j % k_refs
+    return {"prompt_ids": jnp.asarray(ids[p]),
+            "prompt_mask": jnp.asarray(mask[p]),
+            "question": {k: jnp.asarray(v[p]) for k, v in q.items()},
+            "reference": jnp.asarray(refs[p, slot]),
+            "chosen": jnp.asarray(chosen[p])}
+
+  tc = config.train
+  opt = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(optax.warmup_constant_schedule(0.0, tc.lr, tc.warmup_steps),
+                  b2=0.99, weight_decay=0.0))
+  state = {"params": sft, "opt": opt.init(sft),
+           "ema": jax.tree.map(jnp.copy, sft),
+           "step": jnp.zeros((), jnp.int32)}
+
+  def step_fn(state, batch, rng):
+    (loss, aux), grads = jax.value_and_grad(refl_loss, has_aux=True)(
+        state["params"], rm_params, batch, rng, cfg)
+    new, skipped = train_util.apply_gradients(state, grads, opt,
+                                              tc.ema_decay, loss=loss)
+    return new, {"loss": loss, "reward_mean": jnp.mean(aux["reward"]),
+                 "reward_std": jnp.std(aux["reward"]),
+                 "fm_loss": aux["fm_loss"], "k": aux["k"],
+                 "grad_norm": optax.tree.norm(grads), "skipped": skipped}
+
+  eval_cfg = ml_collections.ConfigDict(dict(seed=config.seed))
+  evals_path = os.path.join(workdir, "evals.jsonl")
+  k_eval = jax.random.key(config.seed + 3)
+  n_div = config.diversity_prompts
+  div_noise = jax.random.normal(k_eval, (config.diversity_seeds, n_div,
+                                         st.resolution, st.resolution, 3))
+  div_fn = jax.jit(lambda p: diversity(st, p, jnp.asarray(ids[:n_div]),
+                                       jnp.asarray(mask[:n_div]), div_noise))
+
+  def oracle_eval(params, n):
+    est = ml_collections.ConfigDict(st.to_dict())
+    est.eval_n, est.eval_batch = n, config.eval_batch
+    samples, especs = train_generator.evaluate(eval_cfg, est, params, tok,
+                                               k_eval, "t2i")
+    cats = oracle.by_category(oracle.score_batch(samples, especs), especs)
+    return {str(k): float(v) for k, v in cats.items()}, samples
+
+  def on_step(step, state):
+    if step % config.eval_every and step != tc.steps:
+      return
+    cats, samples = oracle_eval(state["ema"], config.eval_n)
+    row = {"step": step, "oracle": cats["overall"]}
+    writer.write_scalars(step, {"oracle_during": cats["overall"]})
+    with open(evals_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    train_generator.save_grid(os.path.join(workdir, f"samples_{step:05d}"),
+                              samples, config.num_grid)
+    logging.info("refl step %d: oracle %.3f (%d held-out prompts)", step,
+                 cats["overall"], config.eval_n)
+
+  before, before_samples = oracle_eval(sft, config.final_eval_n)
+  div_before = float(div_fn(sft))
+  train_generator.save_grid(os.path.join(workdir, "samples_before"),
+                            before_samples, config.num_grid)
+  ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.ckpt_every)
+  with jax.set_mesh(sharding.make_mesh((1, 1, 1))):
+    state, info = train_util.train_loop(
+        state, jax.jit(step_fn), data, steps=tc.steps,
+        rng=jax.random.key(config.seed + 1), ckpt=ckpt, writer=writer,
+        workdir=workdir, make_batch=make_batch, on_step=on_step,
+        max_nonfinite=tc.max_nonfinite, log_every=config.log_every,
+        name="refl")
+  ckpt.close()
+  if info["preempted"]:
+    return {"preempted": True}
+  after, after_samples = oracle_eval(state["ema"], config.final_eval_n)
+  train_generator.save_grid(os.path.join(workdir, "samples_after"),
+                            after_samples, config.num_grid)
+  rows = train_util.read_jsonl(os.path.join(workdir, "losses.jsonl"))
+  rewards = [r["reward_mean"] for r in rows]
+  # By step (a resumed run may have evaluated a step twice).
+  evals = sorted({e["step"]: e for e in
+                  train_util.read_jsonl(evals_path)}.values(),
+                 key=lambda e: e["step"])
+  metrics = {
+      "oracle_before": before["overall"], "oracle_after": after["overall"],
+      "oracle_by_category_before": before,
+      "oracle_by_category_after": after,
+      "oracle_curve": [[e["step"], e["oracle"]] for e in evals],
+      "reward_mean_curve": rewards,
+      "reward_std_window_curve": window_std(rewards, config.std_window),
+      "diversity_before": div_before,
+      "diversity_after": float(div_fn(state["ema"])),
+      "paradigm": rm_config.paradigm, "references_s": references_s,
+      "wall_s": time.time() - t0}
+  plot(metrics, os.path.join(workdir, "reward_and_oracle.png"))
+  writer.flush()
+  train_util.write_json(os.path.join(workdir, "final_metrics.json"), metrics)
+  logging.info("oracle %.3f -> %.3f", metrics["oracle_before"],
+               metrics["oracle_after"])
+  return metrics
+
+
+def plot(metrics: dict, path: str) -> None:
+  """Reward mean and its sliding-window std per step, with the oracle."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  steps = np.arange(1, len(metrics["reward_mean_curve"]) + 1)
+  ax.plot(steps, metrics["reward_mean_curve"], lw=0.8, label="reward mean")
+  ax.plot(steps, metrics["reward_std_window_curve"], lw=0.8,
+          label="reward std (window)")
+  ax.set_xlabel("ReFL step")
+  ax.set_ylabel("reward")
+  ax2 = ax.twinx()
+  curve = np.asarray([[0, metrics["oracle_before"]]] +
+                     list(metrics["oracle_curve"]))
+  ax2.plot(curve[:, 0], curve[:, 1], "ko-", label="oracle (held-out)")
+  ax2.set_ylabel("oracle alignment")
+  fig.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  train_and_evaluate(cli.CONFIG.value, cli.WORKDIR.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)

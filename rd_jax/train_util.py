@@ -38,6 +38,20 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a JSON-lines file up to the first incomplete line (a line
+  cut by a kill); [] if the file does not exist."""
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          break
+  return rows
+
+
 def _to_builtin(x):
   if isinstance(x, (np.generic, jax.Array)):
     return np.asarray(x).tolist()
@@ -275,19 +289,12 @@ class LossLog:
   """
 
   def __init__(self, path: str, start: int):
-    self.path, kept, self.last = path, [], None
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            row = json.loads(line)
-          except ValueError:
-            break  # a line cut by a kill: everything after is stale
-          if row["step"] <= start:
-            kept.append(json.dumps(row) + "\n")
-            self.last = row
+    self.path = path
+    # After a line cut by a kill everything is stale; so are later steps.
+    kept = [r for r in read_jsonl(path) if r["step"] <= start]
+    self.last = kept[-1] if kept else None
     with open(f"{path}.tmp", "w") as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(f"{path}.tmp", path)
     self._f = open(path, "a")
 

@@ -1,6 +1,6 @@
-"""ReFL loss: gradients reach the generator only and match finite
-differences; steps before the chosen index contribute no gradient."""
-import functools
+"""ReFL: the loss's gradient reaches the generator only, through the chosen
+step only (finite differences); the trainer writes its diagnostics."""
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import generator_shapes
-from rd_jax import refl
+from configs import generator_shapes, refl_shapes
+from rd_jax import refl, train_util
 from rd_jax.generation import flow
 from rd_jax.models import generator
 from rd_jax.reward import model as rm_model
@@ -96,7 +96,8 @@ def test_gradient_reaches_the_generator_only_through_step_k():
     shift = lambda s: jax.tree.map(lambda p, v: p + s * v, gen, d)  # noqa: E731
     frozen = jax.jit(lambda g: by_hand(cfg, rmp, batch, rng, g, gen))
     full = jax.jit(lambda g: by_hand(cfg, rmp, batch, rng, g, g))
-    np.testing.assert_allclose(loss(gen, rmp), frozen(gen), rtol=1e-9)
+    np.testing.assert_allclose(jax.jit(loss)(gen, rmp), frozen(gen),
+                               rtol=1e-9)
     want = float(dot(g_gen, d))
     fd_frozen = float(frozen(shift(eps)) - frozen(shift(-eps))) / (2 * eps)
     fd_full = float(full(shift(eps)) - full(shift(-eps))) / (2 * eps)
@@ -109,7 +110,8 @@ def test_gradient_reaches_the_generator_only_through_step_k():
 def test_flow_matching_term_and_window_errors():
   cfg, gen, rmp, batch = setup(beta=0.5)
   batch["chosen"] = jnp.zeros((B, 64, 64, 3), jnp.uint8)
-  loss, aux = refl.refl_loss(gen, rmp, batch, jax.random.key(4), cfg)
+  loss, aux = jax.jit(lambda g, r, b: refl.refl_loss(
+      g, r, b, jax.random.key(4), cfg))(gen, rmp, batch)
   np.testing.assert_allclose(
       loss, jnp.mean(jax.nn.relu(1.0 - aux["reward"])) * 2.0
       + 0.5 * aux["fm_loss"], rtol=1e-6)
@@ -118,3 +120,32 @@ def test_flow_matching_term_and_window_errors():
   with pytest.raises(ValueError, match=r"refl.window \(1, 4\) must satisfy "
                      r"0 <= lo <= hi < refl.steps=4"):
     refl.refl_loss(gen, rmp, batch, jax.random.key(4), cfg)
+
+
+def test_refl_smoke_run_writes_its_diagnostics(gen_smoke, rm_reference,
+                                               tmp_path):
+  c = refl_shapes.get_config("smoke")
+  c.generator, c.reward.checkpoint = gen_smoke[1], rm_reference
+  workdir = str(tmp_path / "refl")
+  m = refl.train_and_evaluate(c, workdir)
+  rows = train_util.read_jsonl(os.path.join(workdir, "losses.jsonl"))
+  assert [r["step"] for r in rows] == list(range(1, c.train.steps + 1))
+  curve = [r["reward_mean"] for r in rows]
+  np.testing.assert_allclose(m["reward_mean_curve"], curve)
+  w = c.std_window
+  np.testing.assert_allclose(m["reward_std_window_curve"],
+                             [np.std(curve[max(0, i + 1 - w):i + 1])
+                              for i in range(len(curve))], atol=1e-7)
+  assert [s for s, _ in m["oracle_curve"]] == [c.train.steps]
+  for key in ("oracle_before", "oracle_after", "diversity_before",
+              "diversity_after"):
+    assert 0.0 <= m[key] <= 1.0, (key, m[key])
+  assert set(m["oracle_by_category_after"]) == set(
+      m["oracle_by_category_before"])
+  refs = np.load(os.path.join(workdir, "references.npz"))["references"]
+  r = gen_smoke[0].image.resolution
+  assert refs.shape == (c.references.prompts, c.references.top_k, r, r, 3)
+  assert 0.0 <= refs.min() and refs.max() <= 1.0
+  for name in ("final_metrics.json", "reward_and_oracle.png",
+               "samples_before.png", "samples_after.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name

@@ -84,7 +84,8 @@ def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
            velocity_fn: VelocityFn, uncond=None, cfg_scale: float = 1.0,
            grad_from_step: jax.Array | int = 0,
            known: tuple[jax.Array, jax.Array] | None = None,
-           span: tuple[jax.Array, jax.Array] | None = None):
+           span: tuple[jax.Array, jax.Array] | None = None,
+           stop_at: jax.Array | int | None = None):
   """Solves the flow ODE from t=1 (noise) to t=0, or over `span`.
 
   Args:
@@ -103,6 +104,9 @@ def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
     span: (t_from, t_to), possibly traced: solve only this segment, with
       `schedule.num_steps` evenly spaced steps (no time shift); `noise` is
       then the state at t_from (search over paths).
+    stop_at: k, possibly traced: steps with index >= k leave the state as it
+      is, so the returned x is the state entering step k, at timesteps[k]
+      (ReFL runs the steps before its chosen one without gradient this way).
 
   Returns:
     (x0 [B, ...], x̂0 of every step [N, B, ...]); for Heun, x̂0 is taken from
@@ -136,6 +140,8 @@ def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
     # then see a constant, so no gradient reaches params through steps < k.
     x_next = jnp.where(i < grad_from_step, jax.lax.stop_gradient(x_next),
                        x_next)
+    if stop_at is not None:
+      x_next = jnp.where(i < stop_at, x_next, x)
     return clamp(x_next), x0_hat
 
   idx = jnp.arange(schedule.num_steps)
