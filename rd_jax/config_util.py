@@ -47,3 +47,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     out[key] = _convert(value.strip() if "=" in item else "true",
                         defaults[key])
   return ml_collections.ConfigDict(out)
+
+
+def require_workdirs(config: ml_collections.ConfigDict,
+                     keys: dict[str, str]) -> None:
+  """Fails naming the first empty key of {dotted key: job}, e.g.
+  {"generator": "train_generator"} -> 'set --config.generator (a
+  train_generator workdir)'."""
+  for key, job in keys.items():
+    node = config
+    for k in key.split("."):
+      node = node[k]
+    if not node:
+      raise ValueError(f"set --config.{key} (a {job} workdir)")

@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rd_jax import cli, eval_rm, train_generator, train_util
+from rd_jax import cli, config_util, eval_rm, train_generator, train_util
 from rd_jax.generation import flow, search
-from rd_jax.models import generator, internvl
+from rd_jax.models import generator
 from rd_jax.reward import evaluate as rm_eval
 from rd_jax.reward import model as rm_model
 
@@ -76,18 +76,13 @@ class Verifier:
     if self.paradigm == "pointwise_regressive":
       raise ValueError("a regressive RM has no P(yes); train a "
                        "pointwise_generative or pairwise_generative verifier")
-    self.tpi = internvl.tokens_per_image(self.config.rm.model)
 
   @property
   def pointwise(self) -> bool:
     return self.paradigm == "pointwise_generative"
 
   def questions(self, specs) -> dict:
-    from rd_jax.data import world  # pylint: disable=g-import-not-at-top
-    batch = {"prompt": [world.prompt(s).encode() for s in specs],
-             "spec": [s.to_json().encode() for s in specs]}
-    q = rm_eval.encode(self.config, self.tok, self.tpi,
-                       rm_eval.questions_of(self.config, batch))
+    q = rm_eval.encode_specs(self.config, self.tok, specs)
     return {k: jnp.asarray(v) for k, v in q.items()}
 
   def score_fn(self, params, q):
@@ -102,23 +97,10 @@ class Verifier:
         generator.to_unit(cand), q, symmetric=True)
 
 
-def _cond(st, params, ids, mask):
-  cond = generator.encode_text(st.model, params, ids, mask)
-  return cond, generator.unconditional(cond)
-
-
-def plain(st, steps, params, ids, mask, noise):
-  cond, uncond = _cond(st, params, ids, mask)
-  return flow.sample(params, noise, cond,
-                     flow.Schedule(steps, st.sample_shift, st.solver),
-                     velocity_fn=generator.velocity_fn(st.model),
-                     uncond=uncond, cfg_scale=st.cfg_scale)[0]
-
-
 def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
   """Best-of-N pool: samples [N, B, ...] and verifier scores [N, B]
   (pointwise P(yes), or nothing for a pairwise verifier)."""
-  sample_fn = functools.partial(plain, st, st.sample_steps, params, ids,
+  sample_fn = functools.partial(train_generator.sample, st, params, ids,
                                 mask)
   if verifier.pointwise:
     _, samples, scores = search.best_of_n(
@@ -128,7 +110,8 @@ def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
 
 
 def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
-  cond, uncond = _cond(st, params, ids, mask)
+  cond = generator.encode_text(st.model, params, ids, mask)
+  uncond = generator.unconditional(cond)
 
   def segment_fn(x, t_from, t_to, steps):
     x, x0s = flow.sample(params, x, cond, flow.Schedule(steps, 1.0,
@@ -145,14 +128,8 @@ def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from rd_jax.data import oracle, pipeline, tokenizer, world  # pylint: disable=g-import-not-at-top
-  for key in ("generator", "verifier.checkpoint"):
-    node = config
-    for k in key.split("."):
-      node = node[k]
-    if not node:
-      raise ValueError(f"set --config.{key} (a "
-                       f"{'train_generator' if key == 'generator' else 'train_rm'}"
-                       f" workdir)")
+  config_util.require_workdirs(config, {"generator": "train_generator",
+                                       "verifier.checkpoint": "train_rm"})
   train_util.prepare_workdir(workdir)
   train_util.save_config(workdir, config)
   t0 = time.time()
@@ -200,8 +177,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if "plain" in config.modes:
     for steps in config.plain_steps:
-      fn = jax.jit(lambda ids, mask, q, noise, rng, steps=steps: plain(
-          st, steps, params, ids, mask, noise[0]))
+      fn = jax.jit(lambda ids, mask, q, noise, rng, steps=steps:
+                   train_generator.sample(st, params, ids, mask, noise[0],
+                                          steps=steps))
       record("plain", np.concatenate(over_prompts(fn)), steps * per_step, 0,
              steps=steps)
 

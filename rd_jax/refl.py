@@ -36,9 +36,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from rd_jax import cli, eval_rm, generate, sharding, train_generator, train_util
+from rd_jax import (cli, config_util, eval_rm, generate, sharding,
+                    train_generator, train_util)
 from rd_jax.generation import flow, search
 from rd_jax.models import generator
+from rd_jax.reward import evaluate as rm_eval
 from rd_jax.reward import model as rm_model
 
 
@@ -102,17 +104,6 @@ def refl_loss(gen_params, rm_params, batch: dict, rng: jax.Array, cfg):
 # ---------------------------------------------------------------- trainer
 
 
-def _questions(rm_config, tok, specs) -> dict:
-  from rd_jax.data import world  # pylint: disable=g-import-not-at-top
-  from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
-  from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
-  batch = {"prompt": [world.prompt(s).encode() for s in specs],
-           "spec": [s.to_json().encode() for s in specs]}
-  return rm_eval.encode(rm_config, tok,
-                        internvl.tokens_per_image(rm_config.rm.model),
-                        rm_eval.questions_of(rm_config, batch))
-
-
 def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
                log=logging.info) -> np.ndarray:
   """Best-of-N references [P, top_k, R, R, 3] in [0, 1]: N SFT samples per
@@ -122,14 +113,14 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
   r = st.resolution
 
   def one_batch(ids, mask, q, noise):
-    samples = jax.vmap(lambda z: generate.plain(
-        st, st.sample_steps, gen_params, ids, mask, z))(noise)
+    samples = jax.vmap(lambda z: train_generator.sample(
+        st, gen_params, ids, mask, z))(noise)
     wins = search.round_robin_wins(
         lambda a, b: rm_model.pairwise_reward(
             rm_config.rm, rm_params, generator.to_unit(a),
             generator.to_unit(b), q, symmetric=True), samples)
     keep = search.select(wins, rc.top_k, bottom=rc.bottom)
-    return generator.to_unit(search._take(samples, keep))  # pylint: disable=protected-access
+    return generator.to_unit(search.gather(samples, keep))
 
   fn = jax.jit(one_batch)
   out, t0, bs = [], time.time(), config.eval_batch
@@ -148,8 +139,8 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
 def diversity(st, params, ids, mask, noise) -> jax.Array:
   """Mean pixel std across samples of the same prompt, one per noise
   [seeds, B, ...] (jit this)."""
-  x = jax.vmap(lambda z: generate.plain(st, st.sample_steps, params, ids,
-                                        mask, z))(noise)
+  x = jax.vmap(lambda z: train_generator.sample(st, params, ids, mask,
+                                               z))(noise)
   return jnp.mean(jnp.std(generator.to_unit(x), axis=0))
 
 
@@ -163,13 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   from rd_jax.data import oracle, world  # pylint: disable=g-import-not-at-top
   import grain  # pylint: disable=g-import-not-at-top
-  for key, what in (("generator", "train_generator"),
-                    ("reward.checkpoint", "train_rm")):
-    node = config
-    for k in key.split("."):
-      node = node[k]
-    if not node:
-      raise ValueError(f"set --config.{key} (a {what} workdir)")
+  config_util.require_workdirs(config, {"generator": "train_generator",
+                                       "reward.checkpoint": "train_rm"})
   train_util.prepare_workdir(workdir)
   train_util.save_config(workdir, config)
   writer = train_util.metric_writer(workdir)
@@ -191,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from rd_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   ids, mask = tokenizer.encode(tok, [world.prompt(s) for s in specs],
                                st.model.text.max_len)
-  q = _questions(rm_config, tok, specs)
+  q = rm_eval.encode_specs(rm_config, tok, specs)
   np_rng = np.random.default_rng([config.seed, 5])
   chosen = np.stack([world.render(s, np_rng) for s in specs])
   ref_path = os.path.join(workdir, "references.npz")

@@ -122,17 +122,23 @@ def train_step(st, opt, state: dict, batch: dict, rng: jax.Array):
 # ---------------------------------------------------------------- sampling
 
 
-def sample_pixels(st, params, ids, mask, noise, known=None):
-  """Prompt ids -> uint8 samples [B, (T,) R, R, 3] with CFG (jit this)."""
+def sample(st, params, ids, mask, noise, known=None, steps=None):
+  """Prompt ids -> samples in model space [B, (T,) R, R, 3], with CFG, in
+  `steps` solver steps (default st.sample_steps; jit this)."""
   cfg = st.model
   cond = generator.encode_text(cfg, params, ids, mask)
   x, _ = flow.sample(
       params, noise, cond,
-      flow.Schedule(st.sample_steps, st.sample_shift, st.solver),
+      flow.Schedule(steps or st.sample_steps, st.sample_shift, st.solver),
       velocity_fn=generator.velocity_fn(cfg),
       uncond=generator.unconditional(cond), cfg_scale=st.cfg_scale,
       known=known)
-  return generator.to_pixels(x)
+  return x
+
+
+def sample_pixels(st, params, ids, mask, noise, known=None):
+  """`sample` as uint8 pixels."""
+  return generator.to_pixels(sample(st, params, ids, mask, noise, known))
 
 
 _SAMPLERS = {}

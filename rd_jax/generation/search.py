@@ -38,7 +38,7 @@ def renoise(x: jax.Array, t: jax.Array, t_up: jax.Array,
   return a * x + b * eps
 
 
-def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+def gather(x: jax.Array, idx: jax.Array) -> jax.Array:
   """x [N, B, ...], idx [K, B] -> x[idx[k, b], b] [K, B, ...]."""
   idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
   return jnp.take_along_axis(x, idx, axis=0)
@@ -58,7 +58,7 @@ def best_of_n(sample_fn: Callable, score_fn: Callable, noise: jax.Array):
   """
   samples = jax.vmap(sample_fn)(noise)
   scores = jax.vmap(score_fn)(samples)
-  return _take(samples, select(scores, 1))[0], samples, scores
+  return gather(samples, select(scores, 1))[0], samples, scores
 
 
 def round_robin_wins(pair_fn: Callable, samples: jax.Array) -> jax.Array:
@@ -147,7 +147,7 @@ def search_over_paths(segment_fn: Callable, score_fn: Callable,
               cfg.steps_start)
   s = score(x0)
   top = select(s, 1)
-  best, best_s = _take(x0, top)[0], _take(s, top)[0]
+  best, best_s = gather(x0, top)[0], gather(s, top)[0]
 
   def one_round(carry, inputs):
     x, best, best_s = carry
@@ -157,18 +157,18 @@ def search_over_paths(segment_fn: Callable, score_fn: Callable,
     xs, x0 = seg(xs, up, down, cfg.steps_round)
     s = score(x0)
     keep = select(s, cfg.n)
-    top_x0, top_s = _take(x0, keep[:1])[0], _take(s, keep[:1])[0]
+    top_x0, top_s = gather(x0, keep[:1])[0], gather(s, keep[:1])[0]
     better = top_s > best_s
     best = jnp.where(better.reshape(better.shape + (1,) * (best.ndim - 1)),
                      top_x0, best)
     best_s = jnp.maximum(best_s, top_s)
-    return (_take(xs, keep), best, best_s), best_s
+    return (gather(xs, keep), best, best_s), best_s
 
   rounds = jnp.asarray(cfg.rounds())
   keys = jax.random.split(rng, len(rounds))
   (x, best, best_s), round_best = jax.lax.scan(
       one_round, (x, best, best_s), ((rounds[:, 0], rounds[:, 1],
                                       rounds[:, 2]), keys))
-  s0 = _take(s, top)[0]
+  s0 = gather(s, top)[0]
   return best, {"round_best": jnp.concatenate([s0[None], round_best]),
                 "survivors": x, "best_score": best_s}

@@ -45,6 +45,16 @@ def questions_of(config, batch) -> list[str]:
   return out
 
 
+def encode_specs(config, tok, specs) -> dict:
+  """Question arrays (no answers) of this config's paradigm for world
+  specs: the reward model scoring generator samples of those prompts."""
+  from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
+  batch = {"prompt": [world.prompt(s).encode() for s in specs],
+           "spec": [s.to_json().encode() for s in specs]}
+  return encode(config, tok, internvl.tokens_per_image(config.rm.model),
+                questions_of(config, batch))
+
+
 def num_images(config) -> int:
   per = config.rm.get("frames") or 1
   return 2 * per if config.paradigm == "pairwise_generative" else per
