@@ -17,7 +17,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -46,13 +45,9 @@ def load(checkpoint: str, data_dir: str | None = None):
   if os.path.basename(os.path.dirname(path)) == "checkpoints":
     step, path = int(os.path.basename(path)), os.path.dirname(
         os.path.dirname(path))
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(
-        f"no config.json in {path!r}; --checkpoint must be a train_rm "
-        f"--workdir (or its checkpoints/STEP directory)")
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = train_util.load_config(
+      path, "--checkpoint must be a train_rm --workdir (or its "
+      "checkpoints/STEP directory)")
   if data_dir:
     config.data_dir = data_dir
   tok = train_rm.load_tokenizer(config)

@@ -22,7 +22,6 @@ NFE are per prompt and count one forward pass of one sample: a CFG step is
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -41,13 +40,8 @@ from rd_jax.reward import model as rm_model
 
 def load_generator(workdir: str, stage: str):
   """(config, stage config, EMA params) of a train_generator workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"no config.json in {workdir!r}; --config.generator must be a "
-        f"train_generator --workdir")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = train_util.load_config(
+      workdir, "--config.generator must be a train_generator --workdir")
   st = config[stage]
   opt = train_generator.make_optimizer(st)
 
@@ -205,8 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             jax.tree.map(lambda a, i=i: a[i:i + config.eval_batch], q_all)))
             for i in range(0, len(specs), config.eval_batch)], 1)
         nfe_v = 2 * n * (n - 1)
-      best = np.take_along_axis(
-          pool[:n], np.argmax(sc, 0)[None, :, None, None, None], 0)[0]
+      best = search.gather(pool[:n], search.select(sc, 1))[0]
       record("best_of_n", best, n * st.sample_steps * per_step, nfe_v, n=n,
              oracle_pass_at_n=float(right[:n].any(0).mean()))
 

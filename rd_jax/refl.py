@@ -79,7 +79,7 @@ def refl_loss(gen_params, rm_params, batch: dict, rng: jax.Array, cfg):
   # Steps 0..k-1 with frozen params: no tangents, so no backward pass
   # through them at all (cheaper than a stop_gradient inside the scan).
   frozen = jax.lax.stop_gradient(gen_params)
-  cond_f = generator.encode_text(st.model, frozen, ids, mask)
+  cond_f = jax.lax.stop_gradient(cond)
   sched = flow.Schedule(rc.steps, st.sample_shift, st.solver)
   x_k, _ = flow.sample(frozen, noise, cond_f, sched, velocity_fn=vel,
                        uncond=generator.unconditional(cond_f),

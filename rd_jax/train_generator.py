@@ -21,6 +21,7 @@ config.data_dir ("" = WORKDIR/data) is built on first use.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 
@@ -141,15 +142,15 @@ def sample_pixels(st, params, ids, mask, noise, known=None):
   return generator.to_pixels(sample(st, params, ids, mask, noise, known))
 
 
-_SAMPLERS = {}
+@functools.lru_cache(maxsize=8)
+def _jit_sampler_from_json(st_json: str):
+  st = ml_collections.ConfigDict(json.loads(st_json))
+  return jax.jit(functools.partial(sample_pixels, st))
 
 
 def _jit_sampler(st):
   """`sample_pixels` jitted once per stage config (evaluation runs often)."""
-  key = st.to_json()
-  if key not in _SAMPLERS:
-    _SAMPLERS[key] = jax.jit(functools.partial(sample_pixels, st))
-  return _SAMPLERS[key]
+  return _jit_sampler_from_json(st.to_json())
 
 
 def evaluate(config, st, params, tok, rng: jax.Array, task: str):

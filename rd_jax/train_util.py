@@ -62,6 +62,16 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
 
+def load_config(workdir: str, hint: str) -> ml_collections.ConfigDict:
+  """The config.json `save_config` wrote in a job's workdir; a missing one
+  fails with `hint` (which flag must name which kind of workdir)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json in {workdir!r}; {hint}")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def prepare_workdir(workdir: str) -> str:
   """Creates `workdir` and checks that it is writable, before any work."""
   try:
