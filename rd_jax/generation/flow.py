@@ -70,13 +70,20 @@ def _bcast(t, x):
 
 def guided_velocity(velocity_fn: VelocityFn, params, x, t, cond,
                     uncond=None, cfg_scale: float = 1.0) -> jax.Array:
-  """Classifier-free guidance: v_u + s·(v_c − v_u), one batched call."""
+  """Classifier-free guidance: v_u + s·(v_c − v_u), one batched call.
+
+  The conditional and unconditional rows are interleaved (row 2i is row i
+  with cond, 2i+1 with uncond), not concatenated: with the batch sharded,
+  each device keeps its own rows' pairs, so CFG needs no all-to-all.
+  """
   if uncond is None or cfg_scale == 1.0:
     return velocity_fn(params, x, t, cond)
-  both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
-  v = velocity_fn(params, jnp.concatenate([x, x]),
-                  jnp.concatenate([t, t]), both)
-  v_c, v_u = jnp.split(v, 2)
+  pair = lambda a, b: jnp.stack([a, b], 1).reshape(  # noqa: E731
+      (2 * a.shape[0],) + a.shape[1:])
+  v = velocity_fn(params, pair(x, x), pair(t, t),
+                  jax.tree.map(pair, cond, uncond))
+  v = v.reshape((x.shape[0], 2) + v.shape[1:])
+  v_c, v_u = v[:, 0], v[:, 1]
   return v_u + cfg_scale * (v_c - v_u)
 
 
