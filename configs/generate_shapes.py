@@ -26,6 +26,10 @@ Keys:
                        ((n, m), ...), sigma_start, delta_f, delta_b,
                        steps_start, steps_round
   eval_n, eval_batch   held-out (test_id) prompts and their batch size
+                       (eval_batch divides eval_n and is a multiple of the
+                       mesh's batch shards)
+  mesh.shape           (data, fsdp, tensor), -1 = fill; both models sharded
+                       by their logical names, prompts over data x fsdp
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.search = ml_collections.ConfigDict(dict(
       paths=((2, 2), (4, 4)), sigma_start=0.11, delta_f=0.78, delta_b=0.81,
       steps_start=18, steps_round=4))
+  # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.eval_n = 120
   c.eval_batch = 60
   c.num_grid = 16

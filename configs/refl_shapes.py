@@ -29,6 +29,9 @@ Keys:
   diversity_prompts, diversity_seeds   diversity: mean pixel std across
                        seeds of one prompt
   std_window           steps in the sliding reward std (hacking indicator)
+  mesh.shape           (data, fsdp, tensor), -1 = fill; the generator's
+                       state and the frozen RM are sharded on it by their
+                       logical names, the batch over data x fsdp
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=200, batch_size=8, lr=3e-4, warmup_steps=10, grad_clip=1.0,
       ema_decay=0.95, max_nonfinite=20))
+  # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.eval_every = 50
   c.eval_n = 60
   c.final_eval_n = 120

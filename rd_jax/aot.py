@@ -579,7 +579,7 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
   """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
   mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
   state_sh = sharding.tree_shardings(job.state, mesh, rules, job.logical)
-  div = _batch_div(mesh, rules)
+  div = sharding.batch_shards(mesh, rules)
 
   def batch_sh(x):
     if x.ndim and x.shape[0] % div == 0:
@@ -640,12 +640,6 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
       est_mfu=(round(job.model_flops / (n_chips * info["peak"] * t_est), 3)
                if t_est else None))
   return report, compiled
-
-
-def _batch_div(mesh, rules) -> int:
-  spec = sharding.logical_to_mesh(("act_batch",), rules, mesh)[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,

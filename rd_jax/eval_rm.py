@@ -17,10 +17,9 @@ import json
 import os
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
-from rd_jax import train_rm, train_util
+from rd_jax import sharding, train_rm, train_util
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
 
@@ -38,8 +37,10 @@ def define_flags() -> None:
                       "ShapesWorld dir (default: as trained)")
 
 
-def load(checkpoint: str, data_dir: str | None = None):
-  """(config, params, step, tokenizer) of a train_rm workdir."""
+def load(checkpoint: str, data_dir: str | None = None, mesh=None,
+         rules=sharding.DEFAULT_RULES):
+  """(config, params, step, tokenizer) of a train_rm workdir; with a mesh,
+  the params are placed on it by their logical names."""
   step = None
   path = os.path.abspath(checkpoint)
   if os.path.basename(os.path.dirname(path)) == "checkpoints":
@@ -51,11 +52,15 @@ def load(checkpoint: str, data_dir: str | None = None):
   if data_dir:
     config.data_dir = data_dir
   tok = train_rm.load_tokenizer(config)
-  state, _ = train_rm.init_state(config, jax.random.key(0))
+  abstract = jax.eval_shape(
+      lambda: train_rm.init_state(config, jax.random.key(0))[0])
   ckpt = train_util.Checkpointer(os.path.join(path, "checkpoints"))
-  state, step = ckpt.restore(jax.tree.map(np.zeros_like, state), step=step)
+  state, step = ckpt.restore(abstract, step=step)
   ckpt.close()
-  return config, state["params"], step, tok
+  params = state["params"]
+  if mesh is not None:
+    params, _ = sharding.put(params, mesh, rules, abstract["params"])
+  return config, params, step, tok
 
 
 def evaluate(checkpoint: str, splits, kind: str | None = None,

@@ -21,9 +21,11 @@ NFE are per prompt and count one forward pass of one sample: a CFG step is
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rd_jax import cli, config_util, eval_rm, train_generator, train_util
+from jax.experimental import multihost_utils
+
+from rd_jax import (cli, config_util, eval_rm, sharding, train_generator,
+                    train_util)
 from rd_jax.generation import flow, search
 from rd_jax.models import generator
 from rd_jax.reward import evaluate as rm_eval
@@ -61,23 +66,33 @@ def nfe_per_step(st) -> int:
   return (2 if st.solver == "heun" else 1) * (2 if st.cfg_scale != 1 else 1)
 
 
+@dataclasses.dataclass
 class Verifier:
-  """A trained reward model as a jit-able verifier of generator samples."""
+  """A reward model (config with `rm` and `paradigm`, params, tokenizer) as
+  a jit-able verifier of generator samples."""
+  config: ml_collections.ConfigDict
+  params: Any
+  tok: Any = None
 
-  def __init__(self, checkpoint: str, data_dir: str | None):
-    self.config, self.params, _, self.tok = eval_rm.load(checkpoint, data_dir)
-    self.paradigm = self.config.paradigm
+  def __post_init__(self):
     if self.paradigm == "pointwise_regressive":
       raise ValueError("a regressive RM has no P(yes); train a "
                        "pointwise_generative or pairwise_generative verifier")
 
+  @classmethod
+  def load(cls, checkpoint: str, data_dir: str | None, mesh=None,
+           rules=sharding.DEFAULT_RULES) -> "Verifier":
+    """From a train_rm workdir, params placed on `mesh`."""
+    config, params, _, tok = eval_rm.load(checkpoint, data_dir, mesh, rules)
+    return cls(config, params, tok)
+
+  @property
+  def paradigm(self) -> str:
+    return self.config.paradigm
+
   @property
   def pointwise(self) -> bool:
     return self.paradigm == "pointwise_generative"
-
-  def questions(self, specs) -> dict:
-    q = rm_eval.encode_specs(self.config, self.tok, specs)
-    return {k: jnp.asarray(v) for k, v in q.items()}
 
   def score_fn(self, params, q):
     """x0 [B, ...] (model space) -> P("yes") [B] (pointwise verifiers)."""
@@ -94,6 +109,7 @@ class Verifier:
 def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
   """Best-of-N pool: samples [N, B, ...] and verifier scores [N, B]
   (pointwise P(yes), or nothing for a pairwise verifier)."""
+  noise = jnp.moveaxis(noise, 1, 0)
   sample_fn = functools.partial(train_generator.sample, st, params, ids,
                                 mask)
   if verifier.pointwise:
@@ -104,6 +120,7 @@ def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
 
 
 def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
+  noise = jnp.moveaxis(noise, 1, 0)
   cond = generator.encode_text(st.model, params, ids, mask)
   uncond = generator.unconditional(cond)
 
@@ -131,7 +148,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if st.frames:
     raise ValueError("generate supports the image stage (T2I) only so far")
   data_dir = config.data_dir or gcfg.data_dir
-  verifier = Verifier(config.verifier.checkpoint, data_dir)
+  # Both models on config.mesh by their logical names; prompts (and their
+  # candidates) are split over the batch axes. Every program below is one
+  # jit whose batch rows never meet: on a data-parallel mesh the compiled
+  # Best-of-N has no collective at all (tests/test_scale_out.py), so a
+  # shard_map would only restate what the partitioner already does.
+  mesh = sharding.mesh_from_config(config)
+  rules = sharding.rules_from_config(config)
+  params, _ = sharding.put(params, mesh, rules,
+                           generator.logical_specs(st.model))
+  verifier = Verifier.load(config.verifier.checkpoint, data_dir, mesh,
+                           rules)
   tok = tokenizer.load(pipeline.tokenizer_dir(data_dir))
   specs = world.eval_specs("image", "test_id", n=config.eval_n,
                            seed=config.seed)
@@ -140,9 +167,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   r = st.resolution
   n_max = max([1] + list(config.best_of_n) +
               [n for n, _ in config.search.paths])
-  noise_all = jax.random.normal(jax.random.key(config.seed),
-                                (n_max, len(specs), r, r, 3))
-  q_all = verifier.questions(specs)
+  # [prompt, candidate, ...]: the same noises for every mode.
+  noise_all = np.asarray(jax.random.normal(jax.random.key(config.seed),
+                                           (len(specs), n_max, r, r, 3)))
+  q_all = rm_eval.encode_specs(verifier.config, verifier.tok, specs)
+  rows = sharding.batch_shards(mesh, rules)
+  if config.eval_batch % rows or len(specs) % config.eval_batch:
+    raise ValueError(f"eval_batch={config.eval_batch} must divide eval_n="
+                     f"{len(specs)} and be a multiple of the mesh's {rows} "
+                     "batch shards")
   per_step = nfe_per_step(st)
   curves, grids = [], {}
 
@@ -158,46 +191,56 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("%s %s: oracle %.3f (NFE generator %d, verifier %d)", mode,
                  kw, cats["overall"], nfe_g, nfe_v)
 
-  def over_prompts(fn, n_noise=1):
-    """fn(ids, mask, q, noise [n_noise, b, ...], rng) per eval batch."""
+  def over_prompts(fn, n_noise=1, **arrays):
+    """fn(gen params, RM params, ids, mask, q, noise [b, n_noise, ...], rng,
+    **arrays [P, ...] of those rows) per eval batch; every process passes
+    its share of each batch's rows and gets the whole result back."""
     out = []
     for i in range(0, len(specs), config.eval_batch):
-      sl = slice(i, i + config.eval_batch)
-      out.append(jax.device_get(fn(
-          ids[sl], mask[sl], jax.tree.map(lambda a, sl=sl: a[sl], q_all),
-          noise_all[:n_noise, sl],
-          jax.random.fold_in(jax.random.key(config.seed), i))))
+      sl = np.array_split(np.arange(i, i + config.eval_batch),
+                          jax.process_count())[jax.process_index()]
+      local = {"ids": ids[sl], "mask": mask[sl],
+               "q": {k: v[sl] for k, v in q_all.items()},
+               "noise": noise_all[sl, :n_noise],
+               **{k: v[sl] for k, v in arrays.items()}}
+      b = sharding.global_batch(local, mesh, rules)
+      with jax.set_mesh(mesh):
+        res = fn(params, verifier.params, b.pop("ids"), b.pop("mask"),
+                 b.pop("q"), b.pop("noise"),
+                 jax.random.fold_in(jax.random.key(config.seed), i), **b)
+      out.append(multihost_utils.process_allgather(res, tiled=True))
     return out
 
   if "plain" in config.modes:
     for steps in config.plain_steps:
-      fn = jax.jit(lambda ids, mask, q, noise, rng, steps=steps:
-                   train_generator.sample(st, params, ids, mask, noise[0],
+      fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, steps=steps:
+                   train_generator.sample(st, p, ids, mask, noise[:, 0],
                                           steps=steps))
       record("plain", np.concatenate(over_prompts(fn)), steps * per_step, 0,
              steps=steps)
 
   if "best_of_n" in config.modes:
-    fn = jax.jit(lambda ids, mask, q, noise, rng: candidates(
-        st, verifier, params, verifier.params, ids, mask, q, noise))
+    fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng: candidates(
+        st, verifier, p, rp, ids, mask, q, noise))
     n_pool = max(config.best_of_n)
     out = over_prompts(fn, n_pool)
-    pool = np.concatenate([o[0] for o in out], 1)
+    pool = np.concatenate([o[0] for o in out], 1)  # [N, P, ...]
     # The oracle on every candidate: pass@N (some candidate is right) is the
     # most a perfect verifier could pick, the headroom over the RM's pick.
     right = np.stack([oracle.score_batch(np.asarray(generator.to_pixels(p)),
                                          specs) for p in pool])
-    wins_fn = jax.jit(lambda s, q: search.round_robin_wins(
-        verifier.pair_fn(verifier.params, q), s))
+    by_prompt = np.moveaxis(pool, 1, 0)  # rows first, to split them
     for n in config.best_of_n:
       if verifier.pointwise:
         sc = np.concatenate([o[1] for o in out], 1)[:n]
         nfe_v = n
       else:
-        sc = np.concatenate([np.asarray(wins_fn(
-            pool[:n, i:i + config.eval_batch],
-            jax.tree.map(lambda a, i=i: a[i:i + config.eval_batch], q_all)))
-            for i in range(0, len(specs), config.eval_batch)], 1)
+        wins_fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, cands:
+                          search.round_robin_wins(
+                              verifier.pair_fn(rp, q),
+                              jnp.moveaxis(cands, 1, 0)))
+        sc = np.concatenate(over_prompts(wins_fn, cands=by_prompt[:, :n]),
+                            1)
         nfe_v = 2 * n * (n - 1)
       best = search.gather(pool[:n], search.select(sc, 1))[0]
       record("best_of_n", best, n * st.sample_steps * per_step, nfe_v, n=n,
@@ -214,8 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           delta_f=config.search.delta_f, delta_b=config.search.delta_b,
           steps_start=config.search.steps_start,
           steps_round=config.search.steps_round)
-      fn = jax.jit(functools.partial(paths, st, verifier, cfg, params,
-                                     verifier.params))
+      fn = jax.jit(functools.partial(paths, st, verifier, cfg))
       out = over_prompts(fn, n)
       nfe = cfg.nfe(per_step)
       record("search_over_paths", np.concatenate(out), nfe["nfe_generator"],

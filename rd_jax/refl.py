@@ -25,6 +25,7 @@ chosen uint8 [B, 64, 64, 3] (β > 0).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -104,6 +105,27 @@ def refl_loss(gen_params, rm_params, batch: dict, rng: jax.Array, cfg):
 # ---------------------------------------------------------------- trainer
 
 
+def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(optax.warmup_constant_schedule(0.0, tc.lr, tc.warmup_steps),
+                  b2=0.99, weight_decay=0.0))
+
+
+def train_step(cfg, opt, state: dict, batch: dict, rng: jax.Array,
+               rm_params) -> tuple[dict, dict]:
+  """One ReFL update of {params, opt, ema, step}; cfg as refl_loss's plus
+  `train.ema_decay`. The reward model's params come in as an argument."""
+  (loss, aux), grads = jax.value_and_grad(refl_loss, has_aux=True)(
+      state["params"], rm_params, batch, rng, cfg)
+  new, skipped = train_util.apply_gradients(state, grads, opt,
+                                            cfg.train.ema_decay, loss=loss)
+  return new, {"loss": loss, "reward_mean": jnp.mean(aux["reward"]),
+               "reward_std": jnp.std(aux["reward"]),
+               "fm_loss": aux["fm_loss"], "k": aux["k"],
+               "grad_norm": optax.tree.norm(grads), "skipped": skipped}
+
+
 def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
                log=logging.info) -> np.ndarray:
   """Best-of-N references [P, top_k, R, R, 3] in [0, 1]: N SFT samples per
@@ -163,10 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   gcfg, st, sft = generate.load_generator(config.generator, config.stage)
   if st.frames:
     raise ValueError("refl supports the image stage (T2I) only so far")
-  rm_config, rm_params, _, tok = eval_rm.load(config.reward.checkpoint,
-                                              gcfg.data_dir)
+  mesh = sharding.mesh_from_config(config)
+  rules = sharding.rules_from_config(config)
+  rm_config, rm_params, _, tok = eval_rm.load(
+      config.reward.checkpoint, gcfg.data_dir, mesh, rules)
   cfg = ml_collections.ConfigDict(dict(gen=st, rm=rm_config.rm,
-                                       refl=config.refl))
+                                       refl=config.refl, train=config.train))
   cfg.rm.paradigm = rm_config.paradigm
   pairwise = rm_config.paradigm == "pairwise_generative"
 
@@ -200,32 +224,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               .map(lambda j: {"id": j}).to_iter_dataset())
 
   def make_batch(raw):
-    j = np.asarray(raw["id"])
+    # Every process draws the same global batch and passes on its rows.
+    j = np.array_split(np.asarray(raw["id"]),
+                       jax.process_count())[jax.process_index()]
     p, slot = j // k_refs, j % k_refs
-    return {"prompt_ids": jnp.asarray(ids[p]),
-            "prompt_mask": jnp.asarray(mask[p]),
-            "question": {k: jnp.asarray(v[p]) for k, v in q.items()},
-            "reference": jnp.asarray(refs[p, slot]),
-            "chosen": jnp.asarray(chosen[p])}
+    return sharding.global_batch(
+        {"prompt_ids": ids[p], "prompt_mask": mask[p],
+         "question": {k: v[p] for k, v in q.items()},
+         "reference": refs[p, slot], "chosen": chosen[p]}, mesh, rules)
 
+  # The state (from the SFT params) and the frozen reward model, placed on
+  # config.mesh by their logical names; the RM is an argument of the step.
   tc = config.train
-  opt = optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(optax.warmup_constant_schedule(0.0, tc.lr, tc.warmup_steps),
-                  b2=0.99, weight_decay=0.0))
-  state = {"params": sft, "opt": opt.init(sft),
-           "ema": jax.tree.map(jnp.copy, sft),
-           "step": jnp.zeros((), jnp.int32)}
-
-  def step_fn(state, batch, rng):
-    (loss, aux), grads = jax.value_and_grad(refl_loss, has_aux=True)(
-        state["params"], rm_params, batch, rng, cfg)
-    new, skipped = train_util.apply_gradients(state, grads, opt,
-                                              tc.ema_decay, loss=loss)
-    return new, {"loss": loss, "reward_mean": jnp.mean(aux["reward"]),
-                 "reward_std": jnp.std(aux["reward"]),
-                 "fm_loss": aux["fm_loss"], "k": aux["k"],
-                 "grad_norm": optax.tree.norm(grads), "skipped": skipped}
+  opt = make_optimizer(tc)
+  state, state_sh = sharding.put(
+      {"params": sft, "opt": opt.init(sft),
+       "ema": jax.tree.map(jnp.copy, sft), "step": np.zeros((), np.int32)},
+      mesh, rules,
+      {"params": generator.logical_specs(st.model)})
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  step_fn = train_util.jit_step(functools.partial(train_step, cfg, opt),
+                                mesh, state_sh, frozen=rm_params)
 
   eval_cfg = ml_collections.ConfigDict(dict(seed=config.seed))
   evals_path = os.path.join(workdir, "evals.jsonl")
@@ -263,9 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                             before_samples, config.num_grid)
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.ckpt_every)
-  with jax.set_mesh(sharding.make_mesh((1, 1, 1))):
+  with jax.set_mesh(mesh):
     state, info = train_util.train_loop(
-        state, jax.jit(step_fn), data, steps=tc.steps,
+        state, step_fn, data, steps=tc.steps,
         rng=jax.random.key(config.seed + 1), ckpt=ckpt, writer=writer,
         workdir=workdir, make_batch=make_batch, on_step=on_step,
         max_nonfinite=tc.max_nonfinite, log_every=config.log_every,

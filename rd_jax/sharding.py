@@ -300,12 +300,29 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh,
     return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 
+def put(tree: Any, mesh: Mesh,
+        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+        logical: Any = None) -> tuple[Any, Any]:
+  """(arrays, shardings): host arrays (e.g. restored params, the same on
+  every process) placed on the mesh as their logical names say."""
+  shardings = tree_shardings(tree, mesh, rules, logical)
+  return jax.device_put(tree, shardings), shardings
+
+
 def batch_sharding(mesh: Mesh, ndim: int,
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
                    ) -> NamedSharding:
   """Leading (batch) dim over the `act_batch` mesh axes; the rest whole."""
   return NamedSharding(mesh, logical_to_mesh(
       ("act_batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def batch_shards(mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
+  """How many ways a batch is split on `mesh` (its act_batch axes)."""
+  spec = logical_to_mesh(("act_batch",), rules, mesh)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def global_batch(local: Any, mesh: Mesh,

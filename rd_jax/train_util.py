@@ -275,12 +275,19 @@ def sharded_init(config: ml_collections.ConfigDict, init_fn: Callable[[], Any],
   return state, shardings, mesh, rules
 
 
-def jit_step(step: Callable, mesh: Any, state_shardings: Any) -> Callable:
+def jit_step(step: Callable, mesh: Any, state_shardings: Any,
+             frozen: Any = None) -> Callable:
   """step(state, batch, rng) -> (state, metrics), jitted with the state's
-  shardings kept and its buffers donated."""
+  shardings kept and its buffers donated. With `frozen` (arrays already on
+  the mesh, e.g. a reward model's params), `step(state, batch, rng, frozen)`
+  gets them as an argument on every call rather than as constants baked
+  into the program."""
   with jax.set_mesh(mesh):
-    return jax.jit(step, out_shardings=(state_shardings, None),
-                   donate_argnums=0)
+    fn = jax.jit(step, out_shardings=(state_shardings, None),
+                 donate_argnums=0)
+  if frozen is None:
+    return fn
+  return lambda state, batch, rng: fn(state, batch, rng, frozen)
 
 
 # ---------------------------------------------------------------- train loop

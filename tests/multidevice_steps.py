@@ -1,7 +1,7 @@
 """Sharded train steps vs one device (run in a subprocess by test_scale_out).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-      python tests/multidevice_steps.py generator|rm
+      python tests/multidevice_steps.py generator|rm|refl
 
 For each mesh (data, fsdp, tensor) in (8,1,1), (2,4,1), (2,2,2): the step
 jitted with explicit in/out shardings (state donated) must give the
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rd_jax import sharding
+from rd_jax import sharding, train_util
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 
@@ -42,7 +42,8 @@ def generator_case():
            "prompt_mask": np.arange(length)[None] < rng.integers(
                3, length, (b, 1))}
   step = functools.partial(train_generator.train_step, st, opt)
-  return step, state, batch, {"params": generator.logical_specs(st.model)}
+  return (step, state, batch, {"params": generator.logical_specs(st.model)},
+          None)
 
 
 def rm_batch(config, b: int, seed: int = 0) -> dict:
@@ -81,7 +82,87 @@ def rm_case():
   config = rm_config()
   state, opt = train_rm.init_state(config, jax.random.key(0))
   step = functools.partial(train_rm.train_step, config, opt)
-  return step, state, rm_batch(config, 8), None
+  return step, state, rm_batch(config, 8), None, None
+
+
+def refl_case():
+  """The ReFL step (pairwise reward against a reference, β > 0) of the
+  smoke generator and the smoke RM; the RM's params are the frozen 4th
+  argument."""
+  from configs import generator_shapes, refl_shapes
+  import ml_collections
+  from rd_jax import refl
+  from rd_jax.models import generator
+  from rd_jax.reward import model as rm_model
+  rc = refl_shapes.get_config("smoke")
+  rm_c = rm_config()
+  st = generator_shapes.get_config("smoke").image
+  cfg = ml_collections.ConfigDict(dict(gen=st, rm=rm_c.rm, refl=rc.refl,
+                                       train=rc.train))
+  cfg.rm.paradigm = "pairwise_generative"
+  opt = refl.make_optimizer(rc.train)
+  params = generator.init(st.model, jax.random.key(0))
+  state = {"params": params, "opt": opt.init(params),
+           "ema": jax.tree.map(jnp.copy, params),
+           "step": jnp.zeros((), jnp.int32)}
+  b, length = 8, st.model.text.max_len
+  rb = rm_batch(rm_c, b)
+  rng = np.random.default_rng(1)
+  batch = {"prompt_ids": rng.integers(1, 100, (b, length), np.int32),
+           "prompt_mask": np.arange(length)[None] < rng.integers(
+               3, length, (b, 1)),
+           "question": {k: rb[k][:b] for k in ("input_ids",
+                                               "attention_mask",
+                                               "read_pos")},
+           "reference": rng.uniform(size=(b, st.resolution, st.resolution,
+                                          3)).astype(np.float32),
+           "chosen": rb["chosen"]}
+  rm_params = rm_model.init(cfg.rm, jax.random.key(2))
+  frozen = (rm_params, jax.eval_shape(
+      lambda: rm_model.init(cfg.rm, jax.random.key(2))))
+  return (functools.partial(refl.train_step, cfg, opt), state, batch,
+          {"params": generator.logical_specs(st.model)}, frozen)
+
+
+def best_of_n_collectives() -> list[str]:
+  """The cross-device collectives in generate's Best-of-N program (smoke
+  generator, 4 candidates for each of 8 prompts, pointwise verifier) on the
+  data-parallel mesh (8, 1, 1); rows never meet, so there should be none."""
+  import re
+  from configs import generator_shapes
+  from rd_jax import generate
+  from rd_jax.models import generator, internvl
+  from rd_jax.reward import model as rm_model
+  mesh, rules = sharding.make_mesh((8, 1, 1)), sharding.DEFAULT_RULES
+  st = generator_shapes.get_config("smoke").image
+  rm_c = rm_config()
+  rm_c.paradigm = "pointwise_generative"
+  params, _ = sharding.put(generator.init(st.model, jax.random.key(0)), mesh,
+                           rules, generator.logical_specs(st.model))
+  rm_params, _ = sharding.put(
+      rm_model.init(rm_c.rm, jax.random.key(2)), mesh, rules,
+      jax.eval_shape(lambda: rm_model.init(rm_c.rm, jax.random.key(2))))
+  b, n, length = 8, 4, st.model.text.max_len
+  # A pairwise question less its first image's tokens: a pointwise one.
+  tpi = internvl.tokens_per_image(rm_c.rm.model)
+  rb = rm_batch(rm_c, b)
+  rng = np.random.default_rng(3)
+  batch = sharding.global_batch({
+      "ids": rng.integers(1, 100, (b, length), np.int32),
+      "mask": np.ones((b, length), bool),
+      "q": {"input_ids": rb["input_ids"][:b, tpi:], "attention_mask":
+            rb["attention_mask"][:b, tpi:],
+            "read_pos": rb["read_pos"][:b] - tpi},
+      "noise": rng.normal(size=(b, n, st.resolution, st.resolution,
+                                3)).astype(np.float32)}, mesh, rules)
+  verifier = generate.Verifier(rm_c, rm_params)
+  fn = jax.jit(lambda p, rp, ids, mask, q, noise: generate.candidates(
+      st, verifier, p, rp, ids, mask, q, noise))
+  with jax.set_mesh(mesh):
+    hlo = fn.lower(params, rm_params, **batch).compile().as_text()
+  return sorted(set(re.findall(
+      r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|"
+      r"all-to-all)(?:-start)?\(", hlo)))
 
 
 def check_shardings(state, names, mesh, rules) -> int:
@@ -100,11 +181,12 @@ def check_shardings(state, names, mesh, rules) -> int:
 
 def main(job: str) -> None:
   assert len(jax.devices()) == 8, jax.devices()
-  step, state, batch, logical = {"generator": generator_case,
-                                 "rm": rm_case}[job]()
+  step, state, batch, logical, frozen = {
+      "generator": generator_case, "rm": rm_case, "refl": refl_case}[job]()
   rng = jax.random.key(1)
   t0 = time.time()
-  ref_state, ref_metrics = jax.jit(step)(state, batch, rng)
+  extra = () if frozen is None else (frozen[0],)
+  ref_state, ref_metrics = jax.jit(step)(state, batch, rng, *extra)
   print(json.dumps({"mesh": "single", "s": round(time.time() - t0, 1)}),
         flush=True)
   ref_leaves = jax.tree.leaves(ref_state)
@@ -113,13 +195,18 @@ def main(job: str) -> None:
   for shape in MESHES:
     t0 = time.time()
     mesh = sharding.make_mesh(shape)
-    state_sh = sharding.tree_shardings(state, mesh, rules, logical)
     # From host copies: donation must not delete the reference inputs.
-    sharded = jax.device_put(jax.tree.map(np.asarray, state), state_sh)
+    sharded, state_sh = sharding.put(jax.tree.map(np.asarray, state), mesh,
+                                     rules, logical)
     check_shardings(sharded, names, mesh, rules)
+    frozen_on_mesh = None
+    if frozen is not None:
+      frozen_on_mesh, _ = sharding.put(frozen[0], mesh, rules, frozen[1])
+      check_shardings(frozen_on_mesh, sharding.tree_logical_specs(
+          frozen[0], frozen[1]), mesh, rules)
     gbatch = sharding.global_batch(batch, mesh, rules)
+    fn = train_util.jit_step(step, mesh, state_sh, frozen=frozen_on_mesh)
     with jax.set_mesh(mesh):
-      fn = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=0)
       new, metrics = fn(sharded, gbatch, rng)
     n_split = check_shardings(new, names, mesh, rules)
     diffs = [float(np.max(np.abs(np.asarray(a, np.float64) -
@@ -135,6 +222,9 @@ def main(job: str) -> None:
     assert max(diffs) < 1e-4, max(diffs)
     if shape != (8, 1, 1):
       assert n_split > 0
+  if job == "refl":  # the verifier's other use, at inference
+    print(json.dumps({"best_of_n_collectives": best_of_n_collectives()}),
+          flush=True)
 
 
 if __name__ == "__main__":
