@@ -1,8 +1,29 @@
-"""Test setup: CPU only (libtpu is installed for AOT compiles, not to run)."""
+"""Test setup: CPU only (libtpu is installed for AOT compiles, not to run).
+
+Compiling, not running, is most of the suite's time on CPU, so the tests
+(and the trainers they start as subprocesses, which inherit this
+environment) compile with XLA:CPU's LLVM optimisations off, and the
+subprocesses share a persistent compilation cache: a rerun of the same
+trainer command (tests/test_faults.py restarts one five times) loads its
+programs instead of compiling them again. Both change speed only; the
+programs compute the same things.
+"""
+import atexit
 import os
+import shutil
+import tempfile
+
+import rm_runs
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), *rm_runs.FAST_COMPILE]).strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="rd_jax_tests_jit_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pytest  # noqa: E402
 
@@ -19,7 +40,6 @@ def shapes_tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rm_reference(shapes_tiny, tmp_path_factory):
   """Workdir of one uninterrupted single-device smoke run of train_rm."""
-  import rm_runs
   workdir = str(tmp_path_factory.mktemp("rm_reference"))
   rm_runs.run(shapes_tiny, workdir)
   return workdir

@@ -9,19 +9,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
 
+# XLA:CPU compiles faster without its LLVM optimisations (conftest.py).
+FAST_COMPILE = ("--xla_backend_optimization_level=0",
+                "--xla_llvm_disable_expensive_passes=true")
+
+
+def env(devices: int | None = None, tpu_compile: bool = False,
+        **extra: str) -> dict:
+  """The environment of a test subprocess: CPU, this repo importable, the
+  suite's XLA flags and compilation cache (conftest.py) plus `devices` fake
+  CPU devices. `tpu_compile` (rd_jax.aot) drops both: a TPU program is
+  compiled exactly as a user's would be, and not cached."""
+  e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+           PYTHONPATH=ROOT, **extra)
+  if tpu_compile:
+    e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
+                              if f not in FAST_COMPILE)
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if devices and devices > 1:
+    e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                      f"device_count={devices}").strip()
+  return e
+
+
 def start(data_dir: str, workdir: str, *extra: str, devices: int = 1):
   """Starts the trainer (smoke config, STEPS steps, a checkpoint every
   step, no final evaluation); returns the Popen (stdout + stderr as text on
   .stdout)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   cmd = [sys.executable, "-m", "rd_jax.train_rm",
          "--config=configs/rm_shapes.py:smoke",
          f"--config.data_dir={data_dir}", f"--workdir={workdir}",
          f"--config.train.steps={STEPS}", "--config.ckpt_every=1",
          "--config.eval_every=1000", "--config.final_eval_pairs=0", *extra]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(cmd, cwd=ROOT, env=env(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rm_runs
 from configs import internvl as configs
 from rd_jax import sharding
 from rd_jax.models import internvl
@@ -153,8 +154,7 @@ def test_sharded_forward_on_8_fake_devices():
   """(data, fsdp, tensor) = (2, 2, 2): params really sharded by the logical
   rules, activations constrained, same logits as one device, and building
   the model for the first time under a mesh works."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = rm_runs.env(devices=8)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   res = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
                        cwd=root, capture_output=True, text=True, timeout=600)

@@ -19,18 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rm_runs
 from rd_jax import aot, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
-
-
-def _env(devices: int | None = None, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=ROOT, **extra)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
 
 
 def _run(args, env, timeout=900):
@@ -114,12 +107,17 @@ def test_hlo_flops_counts_every_loop_iteration():
 # ---------------------------------------------------------------- subprocesses
 
 
-@pytest.mark.parametrize("job", ["generator", "rm"])
+@pytest.mark.parametrize("job", ["generator", "rm", "refl"])
 def test_sharded_step_matches_single_device(job):
   """Meshes (8,1,1), (2,4,1), (2,2,2) vs one device: loss and updated params
-  within fp32 tolerance; every array sharded as its logical names say."""
+  within fp32 tolerance; every array (and ReFL's frozen RM) sharded as its
+  logical names say. For refl also: generate's Best-of-N program on a
+  data-parallel mesh has no cross-device collective (CFG's concatenated
+  batch once made every sampling step an all-to-all)."""
   lines, secs = _run([os.path.join(TESTS, "multidevice_steps.py"), job],
-                     _env(devices=8))
+                     rm_runs.env(devices=8))
+  if job == "refl":
+    assert lines.pop() == {"best_of_n_collectives": []}
   meshes = [l for l in lines if l["mesh"] != "single"]
   assert [tuple(l["mesh"]) for l in meshes] == [(8, 1, 1), (2, 4, 1),
                                                 (2, 2, 2)]
@@ -139,7 +137,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, script, "multi", str(tmp_path)], cwd=ROOT,
-      env=_env(devices=2, RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
+      env=rm_runs.env(devices=2, RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
                RD_JAX_NUM_PROCESSES="2", RD_JAX_PROCESS_ID=str(i)),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
@@ -148,7 +146,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     assert p.returncode == 0, out[-3000:]
   multi = json.loads((tmp_path / "multi.json").read_text())
   assert multi["processes"] == 2 and multi["devices"] == 4
-  _run([script, "single", str(tmp_path)], _env(devices=2))
+  _run([script, "single", str(tmp_path)], rm_runs.env(devices=2))
   single = json.loads((tmp_path / "single.json").read_text())
   np.testing.assert_allclose(single["losses"], multi["losses"], atol=1e-5)
   assert single["restored_step"] == 3
@@ -163,7 +161,7 @@ def test_aot_compiles_real_size_reward_model_for_v5p(tmp_path):
   out = tmp_path / "aot.json"
   _, secs = _run(["-m", "rd_jax.aot", "--config=configs/rm_shapes.py:size=1b",
                   "--topology=v5p-8", "--remat=full", f"--out={out}"],
-                 _env(), timeout=1500)
+                 rm_runs.env(tpu_compile=True), timeout=1500)
   report = json.loads(out.read_text())
   assert report["chips"] == 4 and report["fits"]
   assert report["params"] > 9e8
@@ -181,7 +179,7 @@ def test_multislice_mesh_puts_dcn_axes_across_slices():
           "print(json.dumps({'shape': list(m.devices.shape), "
           "'data': [x.slice_index for x in m.devices[:, 0, 0]], "
           "'fsdp': sorted({x.slice_index for x in m.devices[0, :, 0]})}))")
-  (out,), _ = _run(["-c", code], _env())
+  (out,), _ = _run(["-c", code], rm_runs.env())
   assert out == {"shape": [2, 8, 1], "data": [0, 1], "fsdp": [0]}
 
 
@@ -191,7 +189,6 @@ def test_rm_trainer_on_8_devices_matches_one(shapes_tiny, rm_reference,
   devices: the single-device loss curve. Step 1 agrees to fp32 rounding;
   later steps drift chaotically (reduction order, clipped Adam at lr 3e-3:
   measured <= 0.0024 absolute, 0.17 % relative, over 24 steps)."""
-  import rm_runs
   out = rm_runs.run(shapes_tiny, str(tmp_path), "--config.mesh.shape=2,2,2",
                     devices=8)
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in out
