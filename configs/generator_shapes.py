@@ -72,6 +72,7 @@ def _stage(**kw) -> ml_collections.ConfigDict:
       # evaluation on held-out (test_id) prompts with the EMA params
       eval_n=60, eval_batch=60, sample_steps=20, sample_shift=1.0,
       solver="euler", cfg_scale=3.0,
+      guidance=None,       # FLUX.1-dev's distilled-guidance input (sampling)
   )
   base.update(kw)
   return ml_collections.ConfigDict(base)
@@ -103,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg.size == "flux_dev":
     c.image.resolution = 1024
+    # FLUX.1-dev sampling: guidance-distilled (no CFG), shifted schedule.
+    c.image.update(sample_steps=28, sample_shift=3.0, cfg_scale=1.0,
+                   guidance=3.5)
     c.image.model = ml_collections.ConfigDict(dict(
         space="latent",
         text=None,  # external: T5-XXL token states + CLIP-L pooled vector

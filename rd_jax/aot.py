@@ -30,11 +30,12 @@ Jobs (auto from the config; --job to force):
              CLIP encoders) the same flow-matching + AdamW + EMA update on
              latents with precomputed text states (train_generator's step
              encodes prompt ids with its own small text encoder)
-  refl       one ReFL update (DESIGN.md §2.4): K-step Euler sampling without
-             gradient to step k, x̂0 at step k with gradient, Flux VAE decode,
+  refl       rd_jax.refl.train_step, the ReFL trainer's own update (DESIGN.md
+             §2.4): K-step sampling without gradient to a random step k in
+             the late window, x̂0 at step k with gradient, Flux VAE decode,
              pairwise reward against a reference image, relu(λ − r) loss,
-             AdamW on the generator only. The ReFL trainer replaces this step
-             with its own when it lands.
+             AdamW + EMA on the generator only; FLUX.1-dev sampling settings
+             come from the flux_dev config (28 steps, shift 3, guidance 3.5)
 
 Topologies: v5p-{8..1024}, v5e-{4..256}, v6e-{4..256} (the Cloud TPU
 names: v5p counts TensorCores, 2 per chip; v5e/v6e count chips); prefix
@@ -164,8 +165,9 @@ class Job:
   """
 
   def __init__(self, fn, state, rest, logical=None, model_flops=0.0,
-               describe="", param_args=(), remat=""):
+               describe="", param_args=(), remat="", static_loops=True):
     self.fn, self.state, self.rest, self.remat = fn, state, rest, remat
+    self.static_loops = static_loops  # False: FLOPs/MFU not estimable
     self.param_args = param_args  # indices of `rest` that are parameters
     self.logical, self.model_flops, self.describe = (logical, model_flops,
                                                      describe)
@@ -229,9 +231,10 @@ def rm_job(config, batch: int) -> Job:
   i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
   b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
   a = config.answer_len
-  data = {"input_ids": i32(rows, seq), "attention_mask": b(rows, seq),
-          "read_pos": i32(rows), "answer_ids": i32(rows, a),
-          "answer_mask": b(rows, a), "decision_index": i32(rows),
+  # Token arrays in train_rm.pair_major layout: [pairs, 2, ...].
+  data = {"input_ids": i32(batch, 2, seq), "attention_mask": b(batch, 2, seq),
+          "read_pos": i32(batch, 2), "answer_ids": i32(batch, 2, a),
+          "answer_mask": b(batch, 2, a), "decision_index": i32(batch, 2),
           "chosen": jax.ShapeDtypeStruct(img, jnp.uint8),
           "rejected": jax.ShapeDtypeStruct(img, jnp.uint8)}
   fn = functools.partial(train_rm.train_step, config, opt)
@@ -318,54 +321,16 @@ def generator_job(config, batch: int) -> Job:
              f"{txt_len} text tokens")
 
 
-def refl_step(gcfg, rm_config, refl, opt, state: dict, frozen: dict,
-              batch: dict, rng: jax.Array):
-  """One ReFL update (DESIGN.md §2.4) with a static step index k."""
-  from rd_jax import train_util  # pylint: disable=g-import-not-at-top
-  from rd_jax.generation import flow  # pylint: disable=g-import-not-at-top
-  from rd_jax.models import generator, vae  # pylint: disable=g-import-not-at-top
-  from rd_jax.reward import model as rm_model  # pylint: disable=g-import-not-at-top
-  del rng
-  vel = generator.velocity_fn(gcfg, guidance=refl.guidance)
-  ts = flow.timesteps(flow.Schedule(refl.steps, refl.shift))
-  b = batch["noise"].shape[0]
-  frozen_gen = jax.lax.stop_gradient(state["params"])
-
-  def euler(x, t):
-    t, t_next = t
-    v = vel(frozen_gen, x, jnp.full((b,), t, x.dtype), batch["cond"])
-    return x + (t_next - t) * v, None
-
-  x_k, _ = jax.lax.scan(euler, batch["noise"],
-                        (ts[:refl.k], ts[1:refl.k + 1]))
-  x_k = jax.lax.stop_gradient(x_k)
-
-  def loss_fn(params):
-    t = jnp.full((b,), ts[refl.k], x_k.dtype)
-    x0 = flow.x0_from_v(x_k, t, vel(params, x_k, t, batch["cond"]))
-    img = vae.decode(gcfg.vae, frozen["vae"], x0.astype(jnp.bfloat16))
-    img = jnp.clip((img.astype(jnp.float32) + 1) / 2, 0, 1)
-    s = batch["reference"].shape[-2]  # the reward model's resolution
-    img = jax.image.resize(img, (b, s, s, 3), "linear", antialias=True)
-    r = rm_model.pairwise_reward(rm_config.rm, frozen["rm"],
-                                 batch["reference"], img, batch["question"])
-    return jnp.mean(jax.nn.relu(refl.lam - r)) * refl.scale, r
-
-  (loss, r), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"])
-  new, skipped = train_util.apply_gradients(state, grads, opt, loss=loss)
-  return new, {"loss": loss, "reward": jnp.mean(r), "skipped": skipped}
-
-
 def refl_job(config, rm_config, batch: int) -> Job:
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from rd_jax import train_generator  # pylint: disable=g-import-not-at-top
+  from rd_jax import refl  # pylint: disable=g-import-not-at-top
   from rd_jax.models import generator, vae  # pylint: disable=g-import-not-at-top
   from rd_jax.reward import model as rm_model  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   rm_config = rm_config.copy_and_resolve_references()
+  rm_config.unlock()  # the reward needs rm.paradigm
   st = config[config.stages[0]]
-  if st.model.text is not None or st.model.get("vae") is None:
+  if not generator.latent(st.model):
     raise ValueError("job=refl compiles the latent (real-size) generator; "
                      "use --config=configs/generator_shapes.py:size=flux_dev")
   _set_remat(st.model.dit, _REMAT.value)
@@ -373,15 +338,22 @@ def refl_job(config, rm_config, batch: int) -> Job:
   rm_config.rm.model.param_dtype = "bfloat16"
   rm_config.rm.model.remat = _REMAT.value or "full"
   rm_config.rm.yes_id, rm_config.rm.no_id = 0, 1
-  # Flux-dev sampling: 28 steps; k uniform in the late window [20, 27];
-  # compiled at the window's middle (cost grows ~1 forward pass per step).
-  refl = ml_collections.ConfigDict(dict(steps=28, k=24, shift=3.0,
-                                        guidance=3.5, lam=1.0, scale=1.0))
-  opt = train_generator.make_optimizer(st)
+  rm_config.rm.paradigm = "pairwise_generative"
+  # The trainer's step (rd_jax/refl.py) with FLUX.1-dev's sampling: 28
+  # steps, k uniform in the late window [20, 27] (a traced index, as in
+  # training); no flow-matching term (its data would need VAE encoding).
+  cfg = ml_collections.ConfigDict(dict(
+      gen=st, rm=rm_config.rm,
+      refl=dict(steps=st.sample_steps, window=(20, 27), lam=1.0, scale=1.0,
+                beta=0.0),
+      train=dict(ema_decay=0.999)))
+  opt = refl.make_optimizer(ml_collections.ConfigDict(dict(
+      grad_clip=1.0, lr=1e-5, warmup_steps=10)))
 
   def init():
     params = generator.init(st.model, jax.random.key(0))
     return {"params": params, "opt": opt.init(params),
+            "ema": jax.tree.map(jnp.copy, params),
             "step": jnp.zeros((), jnp.int32)}
 
   state = jax.eval_shape(init)
@@ -391,13 +363,10 @@ def refl_job(config, rm_config, batch: int) -> Job:
       "rm": rm_model.init(rm_config.rm, jax.random.key(2))})
   logical = {"params": generator.logical_specs(st.model),
              "vae": vae.logical_specs(st.model.vae)}
-  side = st.resolution // 8
   _, seq = rm_seq_len(rm_config)
   s = rm_config.rm.model.vision.image_size
   i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
   data = {
-      "noise": jax.ShapeDtypeStruct((batch, side, side, st.model.dit.channels),
-                                    jnp.float32),
       "cond": _text_cond_abstract(st.model.dit, batch, 512),
       "reference": jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
       "question": {"input_ids": i32(batch, seq),
@@ -406,13 +375,16 @@ def refl_job(config, rm_config, batch: int) -> Job:
                    "read_pos": i32(batch)}}
   n_dit = generator.param_count(st.model)["dit"]
   tokens = _dit_tokens(st) + 512
-  flops = (2.0 * n_dit * tokens * batch * refl.k      # frozen sampling
-           + 6.0 * n_dit * tokens * batch             # step k, with grad
+  k_mean = sum(cfg.refl.window) / 2
+  flops = (2.0 * n_dit * tokens * batch * k_mean  # frozen sampling to k
+           + 6.0 * n_dit * tokens * batch         # step k, with grad
            + _internvl_flops(rm_config.rm.model, 2 * batch, batch, seq, 4.0))
-  fn = functools.partial(refl_step, st.model, rm_config, refl, opt)
-  return Job(fn, state, (frozen, data, _abstract_key()), logical, flops,
-             param_args=(0,), remat=st.model.dit.remat, describe=f"ReFL flux_dev {st.resolution}px + RM {rm_config.size}: "
-             f"{batch} samples, {refl.steps} steps, grad at k={refl.k}")
+  fn = functools.partial(refl.train_step, cfg, opt)
+  return Job(fn, state, (data, _abstract_key(), frozen), logical, flops,
+             param_args=(2,), remat=st.model.dit.remat, static_loops=False,
+             describe=f"ReFL flux_dev {st.resolution}px + RM "
+             f"{rm_config.size}: {batch} samples, {cfg.refl.steps} steps, "
+             f"grad at k in {tuple(cfg.refl.window)}")
 
 
 def make_job(config, job: str, batch: int) -> Job:
@@ -638,7 +610,11 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
       model_flops=job.model_flops,
       est_step_s=t_est,
       est_mfu=(round(job.model_flops / (n_chips * info["peak"] * t_est), 3)
-               if t_est else None))
+               if t_est and job.static_loops else None))
+  if not job.static_loops:
+    report["note"] = ("a loop runs a data-dependent number of times (ReFL "
+                      "samples to a random step k) that the FLOP count "
+                      "cannot know, so no MFU is estimated")
   return report, compiled
 
 

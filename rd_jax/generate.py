@@ -127,7 +127,8 @@ def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
   def segment_fn(x, t_from, t_to, steps):
     x, x0s = flow.sample(params, x, cond, flow.Schedule(steps, 1.0,
                                                         st.solver),
-                         velocity_fn=generator.velocity_fn(st.model),
+                         velocity_fn=generator.velocity_fn(
+                             st.model, guidance=st.get("guidance")),
                          uncond=uncond, cfg_scale=st.cfg_scale,
                          span=(t_from, t_to))
     return x, x0s[-1]

@@ -4,24 +4,29 @@ r"""ReFL with the RewardDance reward (DESIGN.md §2.4): loss and trainer.
       --config.generator=GEN_WORKDIR --config.reward.checkpoint=RM_WORKDIR \
       --workdir=DIR
 
-    loss, aux = refl_loss(gen_params, rm_params, batch, rng, cfg)
+    loss, aux = refl_loss(gen_params, {"rm": rm_params}, batch, rng, cfg)
 
 Sample K steps from noise; pick a step index k uniformly in the late window
 `cfg.refl.window` = (lo, hi); steps before k run under `stop_gradient`; the
-x̂0 of step k (with gradient) is decoded to pixels and scored by the frozen
-reward model; loss = mean relu(λ − r) · scale, plus β · the flow-matching
-loss on the batch's data when β > 0. Gradients reach the generator only.
+x̂0 of step k (with gradient) is decoded to pixels (by the frozen VAE for a
+latent generator) and scored by the frozen reward model; loss = mean
+relu(λ − r) · scale, plus β · the flow-matching loss on the batch's data
+when β > 0. Gradients reach the generator only. The same function is the
+ShapesWorld trainer's step and the one `python -m rd_jax.aot --job=refl`
+compiles for FLUX.1-dev + an 8B RM.
 
 cfg (ConfigDict):
   gen      generator stage config (train_generator: model, sample_shift,
-           solver, cfg_scale, t_sampling, train_shift)
+           solver, cfg_scale, t_sampling, train_shift; optional guidance,
+           Flux-dev's distilled-guidance value)
   rm       reward-model config (train_rm's `rm`) and `paradigm`:
            pairwise_generative (reward against batch['reference']),
            pointwise_generative or pointwise_regressive
   refl     steps K, window (lo, hi) inclusive, lam λ, scale, beta β
-batch: prompt_ids, prompt_mask [B, L]; question (reward-model token arrays
-for the paradigm); reference [B, H, W, 3] in [0, 1] (pairwise);
-chosen uint8 [B, 64, 64, 3] (β > 0).
+batch: prompt_ids, prompt_mask [B, L] (or cond, a precomputed TextCond, for
+external text encoders); question (reward-model token arrays for the
+paradigm); reference [B, H, W, 3] in [0, 1] (pairwise); chosen uint8
+[B, 64, 64, 3] (β > 0).
 """
 from __future__ import annotations
 
@@ -59,42 +64,50 @@ def reward(cfg, rm_params, images: jax.Array, batch: dict) -> jax.Array:
   raise ValueError(f"unknown paradigm {paradigm!r}")
 
 
-def refl_loss(gen_params, rm_params, batch: dict, rng: jax.Array, cfg):
+def refl_loss(gen_params, frozen: dict, batch: dict, rng: jax.Array, cfg):
   """(loss, aux) of one ReFL step; differentiate w.r.t. gen_params.
 
-  aux: reward [B], step k, x0 (the scored x̂0, model space), fm_loss.
+  frozen: {'rm': reward-model params, 'vae': VAE params (latent generators
+  only)}. aux: reward [B], step k, x0 (the scored x̂0, model space), fm_loss.
   """
   st, rc = cfg.gen, cfg.refl
   lo, hi = rc.window
   if not 0 <= lo <= hi < rc.steps:
     raise ValueError(f"refl.window {tuple(rc.window)} must satisfy "
                      f"0 <= lo <= hi < refl.steps={rc.steps}")
-  rm_params = jax.lax.stop_gradient(rm_params)  # the reward model is frozen
+  if rc.beta > 0 and generator.latent(st.model):
+    raise ValueError("refl.beta > 0 needs pixel-space data; a latent "
+                     "generator's ReFL runs with refl.beta=0")
+  frozen = jax.lax.stop_gradient(frozen)  # the reward model (and VAE)
   k_noise, k_step, k_fm = jax.random.split(rng, 3)
-  ids, mask = batch["prompt_ids"], batch["prompt_mask"]
-  cond = generator.encode_text(st.model, gen_params, ids, mask)
-  r = st.resolution
-  noise = jax.random.normal(k_noise, (ids.shape[0], r, r, 3))
+  # Prompt ids through the generator's own text encoder, or precomputed
+  # external text states (batch['cond'], a TextCond).
+  cond = batch["cond"] if "cond" in batch else generator.encode_text(
+      st.model, gen_params, batch["prompt_ids"], batch["prompt_mask"])
+  b = cond.txt.shape[0]
+  noise = jax.random.normal(k_noise, generator.sample_shape(st, b))
   k = jax.random.randint(k_step, (), lo, hi + 1)
-  vel = generator.velocity_fn(st.model)
+  vel = generator.velocity_fn(st.model, guidance=st.get("guidance"))
   # Steps 0..k-1 with frozen params: no tangents, so no backward pass
   # through them at all (cheaper than a stop_gradient inside the scan).
-  frozen = jax.lax.stop_gradient(gen_params)
+  gen_f = jax.lax.stop_gradient(gen_params)
   cond_f = jax.lax.stop_gradient(cond)
   sched = flow.Schedule(rc.steps, st.sample_shift, st.solver)
-  x_k, _ = flow.sample(frozen, noise, cond_f, sched, velocity_fn=vel,
+  x_k, _ = flow.sample(gen_f, noise, cond_f, sched, velocity_fn=vel,
                        uncond=generator.unconditional(cond_f),
                        cfg_scale=st.cfg_scale, stop_at=k)
   # Step k's x̂0 with gradient.
-  t_k = jnp.full((ids.shape[0],), flow.timesteps(sched)[k], x_k.dtype)
+  t_k = jnp.full((b,), flow.timesteps(sched)[k], x_k.dtype)
   v = flow.guided_velocity(vel, gen_params, x_k, t_k, cond,
                            generator.unconditional(cond), st.cfg_scale)
   x0 = flow.x0_from_v(x_k, t_k, v)
-  rew = reward(cfg, rm_params, generator.to_unit(x0), batch)
+  images = generator.decode_unit(st.model, frozen.get("vae"), x0)
+  rew = reward(cfg, frozen["rm"], images, batch)
   loss = jnp.mean(jax.nn.relu(rc.lam - rew)) * rc.scale
   fm = jnp.zeros(())
   if rc.beta > 0:
-    data = generator.to_model_space(generator.resize(batch["chosen"], r))
+    data = generator.to_model_space(generator.resize(batch["chosen"],
+                                                     st.resolution))
     fm, _ = flow.flow_matching_loss(
         generator.velocity_fn(st.model), gen_params, data, cond, k_fm,
         t_sampling=st.t_sampling, shift=st.train_shift)
@@ -113,11 +126,12 @@ def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformatio
 
 
 def train_step(cfg, opt, state: dict, batch: dict, rng: jax.Array,
-               rm_params) -> tuple[dict, dict]:
-  """One ReFL update of {params, opt, ema, step}; cfg as refl_loss's plus
-  `train.ema_decay`. The reward model's params come in as an argument."""
+               frozen: dict) -> tuple[dict, dict]:
+  """One ReFL update of {params, opt, step[, ema]}; cfg as refl_loss's plus
+  `train.ema_decay`. The frozen models (refl_loss's `frozen`) come in as an
+  argument."""
   (loss, aux), grads = jax.value_and_grad(refl_loss, has_aux=True)(
-      state["params"], rm_params, batch, rng, cfg)
+      state["params"], frozen, batch, rng, cfg)
   new, skipped = train_util.apply_gradients(state, grads, opt,
                                             cfg.train.ema_decay, loss=loss)
   return new, {"loss": loss, "reward_mean": jnp.mean(aux["reward"]),
@@ -244,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       {"params": generator.logical_specs(st.model)})
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   step_fn = train_util.jit_step(functools.partial(train_step, cfg, opt),
-                                mesh, state_sh, frozen=rm_params)
+                                mesh, state_sh, frozen={"rm": rm_params})
 
   eval_cfg = ml_collections.ConfigDict(dict(seed=config.seed))
   evals_path = os.path.join(workdir, "evals.jsonl")

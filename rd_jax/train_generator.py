@@ -59,7 +59,8 @@ def train_iterator(config, st, kind: str):
   """Resumable grain iterator over the train split."""
   _, pipeline, _, _ = _data_modules()
   return iter(pipeline.loader(config.data_dir, kind, "train",
-                              batch_size=st.batch_size, seed=config.seed,
+                              batch_size=sharding.process_batch_size(
+                                  st.batch_size), seed=config.seed,
                               scale=config.data_scale,
                               max_len=st.model.text.max_len,
                               on_corrupt=config.on_corrupt))
@@ -131,7 +132,7 @@ def sample(st, params, ids, mask, noise, known=None, steps=None):
   x, _ = flow.sample(
       params, noise, cond,
       flow.Schedule(steps or st.sample_steps, st.sample_shift, st.solver),
-      velocity_fn=generator.velocity_fn(cfg),
+      velocity_fn=generator.velocity_fn(cfg, guidance=st.get("guidance")),
       uncond=generator.unconditional(cond), cfg_scale=st.cfg_scale,
       known=known)
   return x

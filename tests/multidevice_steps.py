@@ -82,7 +82,7 @@ def rm_case():
   config = rm_config()
   state, opt = train_rm.init_state(config, jax.random.key(0))
   step = functools.partial(train_rm.train_step, config, opt)
-  return step, state, rm_batch(config, 8), None, None
+  return step, state, train_rm.pair_major(rm_batch(config, 8)), None, None
 
 
 def refl_case():
@@ -118,8 +118,8 @@ def refl_case():
                                           3)).astype(np.float32),
            "chosen": rb["chosen"]}
   rm_params = rm_model.init(cfg.rm, jax.random.key(2))
-  frozen = (rm_params, jax.eval_shape(
-      lambda: rm_model.init(cfg.rm, jax.random.key(2))))
+  frozen = ({"rm": rm_params}, {"rm": jax.eval_shape(
+      lambda: rm_model.init(cfg.rm, jax.random.key(2)))})
   return (functools.partial(refl.train_step, cfg, opt), state, batch,
           {"params": generator.logical_specs(st.model)}, frozen)
 

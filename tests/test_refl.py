@@ -79,7 +79,7 @@ def test_gradient_reaches_the_generator_only_through_step_k():
     rmp = jax.tree.map(lambda x: x.astype(jnp.float64), rmp)
     batch["reference"] = batch["reference"].astype(jnp.float64)
     rng = jax.random.key(1)
-    loss = lambda g, r: refl.refl_loss(g, r, batch, rng, cfg)[0]
+    loss = lambda g, r: refl.refl_loss(g, {"rm": r}, batch, rng, cfg)[0]
     g_gen, g_rm = jax.jit(jax.grad(loss, argnums=(0, 1)))(gen, rmp)
     # The reward model is frozen.
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_rm))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rd_jax.models import mmdit, text_encoder
+from rd_jax.models import mmdit, text_encoder, vae
 from rd_jax.models.text_encoder import TextCond
 
 
@@ -79,6 +79,32 @@ def velocity_fn(cfg, guidance: float | None = None):
     g = None if guidance is None else jnp.full(t.shape, guidance, x.dtype)
     return velocity(cfg, params, x, t, cond, g)
   return fn
+
+
+def latent(cfg) -> bool:
+  return cfg.get("space", "pixel") == "latent"
+
+
+def sample_shape(st, batch: int) -> tuple[int, ...]:
+  """Shape of a stage's samples (and noise) in model space:
+  [B, (T,) R, R, 3] pixels, or [B, (T,) R/f, R/f, C] VAE latents (f = the
+  VAE's downsampling factor)."""
+  frames = (st.frames,) if st.get("frames") else ()
+  if latent(st.model):
+    side = st.resolution // 2 ** (len(st.model.vae.block_out_channels) - 1)
+    return (batch,) + frames + (side, side, st.model.dit.channels)
+  return (batch,) + frames + (st.resolution, st.resolution, 3)
+
+
+def decode_unit(cfg, vae_params, x: jax.Array) -> jax.Array:
+  """Model space -> reward-model pixels in [0, 1], differentiable: the VAE
+  decode of latents (`vae_params` frozen, in their own dtype), or
+  `to_unit` of pixels (`vae_params` unused)."""
+  if not latent(cfg):
+    return to_unit(x)
+  dtype = jax.tree.leaves(vae_params)[0].dtype
+  img = vae.decode(cfg.vae, vae_params, x.astype(dtype))
+  return jnp.clip((img.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def to_model_space(pixels_uint8: jax.Array) -> jax.Array:

@@ -63,8 +63,8 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
                    "b": jnp.zeros((), jnp.float32)}}
 
 
-def preprocess(images: jax.Array, image_size: int) -> jax.Array:
-  """[..., H, W, 3] in [0, 1] (or uint8) -> normalised [..., 3, S, S]."""
+def resized(images: jax.Array, image_size: int) -> jax.Array:
+  """[..., H, W, 3] in [0, 1] (or uint8) -> float [..., S, S, 3] in [0, 1]."""
   if images.dtype == jnp.uint8:
     images = images.astype(jnp.float32) / 255.0
   images = images.astype(_float(images.dtype))
@@ -72,6 +72,12 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
   if (h, w) != (image_size, image_size):
     images = jax.image.resize(images, lead + (image_size, image_size, 3),
                               "bilinear", antialias=h > image_size)
+  return images
+
+
+def preprocess(images: jax.Array, image_size: int) -> jax.Array:
+  """[..., H, W, 3] in [0, 1] (or uint8) -> normalised [..., 3, S, S]."""
+  images = resized(images, image_size)
   mean = jnp.asarray(internvl.IMAGENET_MEAN, images.dtype)
   std = jnp.asarray(internvl.IMAGENET_STD, images.dtype)
   return jnp.moveaxis((images - mean) / std, -1, -3)
@@ -148,7 +154,10 @@ def pairwise_reward(rm, params, ref_images: jax.Array,
   -> [B] (or a scalar for one unbatched example).
   """
   question, (ref, cand), unbatch = _batch(question, ref_images, cand_images)
-  ref, cand = per_sequence(rm, ref), per_sequence(rm, cand)
+  # Each at the RM's size first: the two may differ (a 448 px reference,
+  # a 1024 px sample).
+  s = rm.model.vision.image_size
+  ref, cand = (resized(per_sequence(rm, x), s) for x in (ref, cand))
   t = ref.shape[1]
   feats = embed_images(rm, params, jnp.concatenate([ref, cand], 1))
   r = _generative(rm, params, question, feats, readout_kind)
