@@ -27,9 +27,17 @@ WORKDIR = flags.DEFINE_string(
 
 
 def run(main, required=("config", "workdir")) -> None:
-  """app.run(main) with `required` flags and one-line config errors."""
+  """app.run(main) with `required` flags and one-line config errors; joins
+  a multi-process run first (sharding.initialize_distributed: a no-op for
+  one process)."""
   flags.mark_flags_as_required(list(required))
-  app.run(main, flags_parser=_parse)
+
+  def with_distributed(argv):
+    from rd_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(CONFIG.value)
+    return main(argv)
+
+  app.run(with_distributed, flags_parser=_parse)
 
 
 def _parse(argv: list[str]) -> list[str]:

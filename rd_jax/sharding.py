@@ -325,6 +325,15 @@ def batch_shards(mesh: Mesh,
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def process_batch_size(global_size: int) -> int:
+  """This process's share of a global batch (its loader's batch size)."""
+  n = jax.process_count()
+  if global_size % n:
+    raise ValueError(f"batch size {global_size} does not split over {n} "
+                     f"processes; make it a multiple of {n}")
+  return global_size // n
+
+
 def global_batch(local: Any, mesh: Mesh,
                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """Process-local batch (numpy, leading dim = this process's rows) -> global

@@ -161,11 +161,28 @@ def loss_fn(config, params, seq: dict, chosen, rejected):
   return loss, dict(aux, acc=jnp.mean(correct.astype(jnp.float32)))
 
 
+def pair_major(seq: dict) -> dict:
+  """training_sequences' 2B rows (rows i and B + i: pair i's two sequences)
+  -> [B, 2, ...]: a batch row holds all of one pair, so the pairs each
+  process loads assemble into the global batch (sharding.global_batch) as
+  they would on one process. train_step takes this layout. `chosen` and
+  `rejected` (already one row per pair) pass through."""
+  return {k: v if k in ("chosen", "rejected") else
+          np.stack(np.split(np.asarray(v), 2), 1) for k, v in seq.items()}
+
+
+def row_major(x: jax.Array) -> jax.Array:
+  """pair_major's inverse, inside the step: [B, 2, ...] -> [2B, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape((2 * x.shape[0],) + x.shape[2:])
+
+
 def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
-  """One update; state = {params, opt, step} (donated)."""
+  """One update; state = {params, opt, step} (donated); batch: `chosen`,
+  `rejected` [B, ...] and the token arrays in pair_major layout."""
   chosen, rejected = augment(config.augment, rng, batch["chosen"],
                              batch["rejected"])
-  seq = {k: v for k, v in batch.items() if k not in ("chosen", "rejected")}
+  seq = {k: row_major(v) for k, v in batch.items()
+         if k not in ("chosen", "rejected")}
   (loss, aux), grads = jax.value_and_grad(
       functools.partial(loss_fn, config), has_aux=True)(
           state["params"], seq, chosen, rejected)
@@ -175,7 +192,7 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
 
 
 def device_batch(config, tok, tpi: int, batch) -> dict:
-  seq = rm_eval.training_sequences(config, tok, tpi, batch)
+  seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
   seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
   return seq
 
@@ -232,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                config.size, config.paradigm, n_params, tpi)
 
   data = iter(pipeline.loader(config.data_dir, config.kind, "train",
-                              batch_size=tc.batch_size, seed=config.seed,
+                              batch_size=sharding.process_batch_size(
+                                  tc.batch_size), seed=config.seed,
                               scale=config.scale,
                               on_corrupt=config.on_corrupt))
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),

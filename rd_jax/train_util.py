@@ -136,9 +136,14 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     self.check_shapes(abstract_state, step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
+    if data_iter is not None and self._has_data_state(step):
       import grain  # pylint: disable=g-import-not-at-top
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    elif data_iter is not None:
+      logging.warning(
+          "checkpoint %s/%d holds the data position of another number of "
+          "processes (this run has %d): the model state resumes, the data "
+          "order starts over", self.directory, step, jax.process_count())
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as e:
@@ -147,6 +152,13 @@ class Checkpointer:
           f"({e}); use a fresh --workdir or the config it was trained "
           f"with") from e
     return out["state"], step
+
+  def _has_data_state(self, step: int) -> bool:
+    """Whether `step` saved a data position for this process count (grain
+    writes one file per process, named for the count)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), "data",
+                                       name))
 
   def check_shapes(self, abstract_state: Any, step: int) -> None:
     """Fails naming the first tensors whose shape (or presence) differs."""
@@ -302,7 +314,8 @@ class LossLog:
 
   Opened at the resumed step: lines past it (steps a killed run had done
   after its last checkpoint, or a half-written last line) are dropped, so
-  the file always equals an uninterrupted run's.
+  the file always equals an uninterrupted run's. Process 0 writes it (the
+  metrics are global: every process has the same).
   """
 
   def __init__(self, path: str, start: int):
@@ -310,18 +323,22 @@ class LossLog:
     # After a line cut by a kill everything is stale; so are later steps.
     kept = [r for r in read_jsonl(path) if r["step"] <= start]
     self.last = kept[-1] if kept else None
-    with open(f"{path}.tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(f"{path}.tmp", path)
-    self._f = open(path, "a")
+    self._f = None
+    if jax.process_index() == 0:
+      with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(f"{path}.tmp", path)
+      self._f = open(path, "a")
 
   def append(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self._f.write(json.dumps(row) + "\n")
-    self._f.flush()
+    if self._f is not None:
+      self._f.write(json.dumps(row) + "\n")
+      self._f.flush()
 
   def close(self) -> None:
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 class _PreemptionWatch:

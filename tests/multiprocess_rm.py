@@ -48,7 +48,7 @@ def run(mode: str, out_dir: str) -> None:
   p, n_proc = jax.process_index(), jax.process_count()
   losses = []
   for i in range(STEPS):
-    full = multidevice_steps.rm_batch(config, 8, seed=i)
+    full = train_rm.pair_major(multidevice_steps.rm_batch(config, 8, seed=i))
     local = jax.tree.map(
         lambda x: x[p * len(x) // n_proc:(p + 1) * len(x) // n_proc], full)
     batch = sharding.global_batch(local, mesh, rules)

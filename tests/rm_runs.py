@@ -32,17 +32,19 @@ def env(devices: int | None = None, tpu_compile: bool = False,
   return e
 
 
-def start(data_dir: str, workdir: str, *extra: str, devices: int = 1):
+def start(data_dir: str, workdir: str, *extra: str, devices: int = 1,
+          stdout=subprocess.PIPE, **env_extra: str):
   """Starts the trainer (smoke config, STEPS steps, a checkpoint every
   step, no final evaluation); returns the Popen (stdout + stderr as text on
-  .stdout)."""
+  .stdout, or into the file `stdout`: processes that wait on each other must
+  not block on a full pipe); `env_extra` adds environment variables."""
   cmd = [sys.executable, "-m", "rd_jax.train_rm",
          "--config=configs/rm_shapes.py:smoke",
          f"--config.data_dir={data_dir}", f"--workdir={workdir}",
          f"--config.train.steps={STEPS}", "--config.ckpt_every=1",
          "--config.eval_every=1000", "--config.final_eval_pairs=0", *extra]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(cmd, cwd=ROOT, env=env(devices, **env_extra),
+                          stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
 def run(data_dir: str, workdir: str, *extra: str, devices: int = 1) -> str:

@@ -258,11 +258,11 @@ def test_real_size_train_step_compiles():
   opt = train_rm.make_optimizer(config.train)
   length = 2 * (tpi + 2) + 96
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-  batch = {"input_ids": i32(2 * b, length),
-           "attention_mask": jax.ShapeDtypeStruct((2 * b, length), bool),
-           "read_pos": i32(2 * b), "answer_ids": i32(2 * b, 1),
-           "answer_mask": jax.ShapeDtypeStruct((2 * b, 1), bool),
-           "decision_index": i32(2 * b),
+  batch = {"input_ids": i32(b, 2, length),  # train_rm.pair_major layout
+           "attention_mask": jax.ShapeDtypeStruct((b, 2, length), bool),
+           "read_pos": i32(b, 2), "answer_ids": i32(b, 2, 1),
+           "answer_mask": jax.ShapeDtypeStruct((b, 2, 1), bool),
+           "decision_index": i32(b, 2),
            "chosen": jax.ShapeDtypeStruct((b, 448, 448, 3), jnp.uint8),
            "rejected": jax.ShapeDtypeStruct((b, 448, 448, 3), jnp.uint8)}
   step = jax.jit(functools.partial(train_rm.train_step, config, opt))

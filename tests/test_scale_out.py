@@ -73,6 +73,25 @@ def test_optimizer_moments_and_ema_inherit_parameter_names():
   assert names["step"] is None and names["opt"][0].count is None
 
 
+def test_pair_major_rm_batches_assemble_across_processes():
+  """train_rm's rows i and B + i are pair i's two sequences. In pair_major
+  layout, the pairs two processes load separately, concatenated (what
+  sharding.global_batch does), equal one process's batch; row_major, inside
+  the step, undoes it."""
+  from rd_jax import train_rm  # pylint: disable=import-outside-toplevel
+  b = 4
+  rows = np.arange(2 * b * 3).reshape(2 * b, 3)
+  one = train_rm.pair_major({"input_ids": rows, "chosen": np.arange(b)})
+  assert one["input_ids"].shape == (b, 2, 3)
+  local = [train_rm.pair_major({"input_ids": np.concatenate(
+      [rows[p * 2:p * 2 + 2], rows[b + p * 2:b + p * 2 + 2]])})
+           for p in range(2)]
+  np.testing.assert_array_equal(
+      np.concatenate([x["input_ids"] for x in local]), one["input_ids"])
+  np.testing.assert_array_equal(one["chosen"], np.arange(b))
+  np.testing.assert_array_equal(train_rm.row_major(one["input_ids"]), rows)
+
+
 def test_mesh_from_config_and_rules_override():
   import ml_collections
   c = ml_collections.ConfigDict({"mesh": {"shape": (-1, 1, 1)},
@@ -133,12 +152,15 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
+  """RM train steps on the same global batches (each process feeds its own
+  rows) on 2 processes as on 1; the 2-process checkpoint restores in 1
+  process onto another mesh shape."""
   script = os.path.join(TESTS, "multiprocess_rm.py")
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, script, "multi", str(tmp_path)], cwd=ROOT,
       env=rm_runs.env(devices=2, RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
-               RD_JAX_NUM_PROCESSES="2", RD_JAX_PROCESS_ID=str(i)),
+                      RD_JAX_NUM_PROCESSES="2", RD_JAX_PROCESS_ID=str(i)),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -154,6 +176,37 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
   # 4 vs 2 devices reduce in different orders; 3 Adam steps amplify that
   # slightly for near-zero gradients.
   assert single["restore_max_diff"] < 2e-4
+
+
+def test_rm_trainer_runs_as_two_processes_and_resumes_in_one(shapes_tiny,
+                                                             tmp_path):
+  """`python -m rd_jax.train_rm` itself as 2 gloo processes of 1 CPU device
+  each: one global (2,1,1) mesh, each process loading its own shard of the
+  data at half the batch size; one loss log; it trains; its checkpoint
+  resumes in 1 process on 1 device. (The curve is not the 1-process one:
+  grain shards records per process, so the global batches hold other
+  examples; test_two_processes_match_one checks the arithmetic.)"""
+  work, port = str(tmp_path / "run"), _free_port()
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:  # a file, not a pipe: a full pipe deadlocks
+      procs.append(rm_runs.start(
+          shapes_tiny, work, stdout=f, RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
+          RD_JAX_NUM_PROCESSES="2", RD_JAX_PROCESS_ID=str(i)))
+  for p in procs:
+    p.wait(timeout=900)
+  outs = [log.read_text() for log in logs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 devices" in outs[0]
+  rows = rm_runs.losses(work)
+  assert [r["step"] for r in rows] == list(range(1, rm_runs.STEPS + 1))
+  assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+  out = rm_runs.run(shapes_tiny, work)
+  assert f"resumed from step {rm_runs.STEPS}" in out
+  assert ("holds the data position of another number of processes (this run "
+          "has 1): the model state resumes, the data order starts over") in out
 
 
 def test_aot_compiles_real_size_reward_model_for_v5p(tmp_path):
