@@ -168,9 +168,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   r = st.resolution
   n_max = max([1] + list(config.best_of_n) +
               [n for n, _ in config.search.paths])
-  # [prompt, candidate, ...]: the same noises for every mode.
-  noise_all = np.asarray(jax.random.normal(jax.random.key(config.seed),
-                                           (len(specs), n_max, r, r, 3)))
+  # The same noises for every mode, stored [prompt, candidate, ...] so a
+  # batch's rows split over processes.
+  noise_all = np.moveaxis(np.asarray(jax.random.normal(
+      jax.random.key(config.seed), (n_max, len(specs), r, r, 3))), 0, 1)
   q_all = rm_eval.encode_specs(verifier.config, verifier.tok, specs)
   rows = sharding.batch_shards(mesh, rules)
   if config.eval_batch % rows or len(specs) % config.eval_batch:
@@ -231,15 +232,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     right = np.stack([oracle.score_batch(np.asarray(generator.to_pixels(p)),
                                          specs) for p in pool])
     by_prompt = np.moveaxis(pool, 1, 0)  # rows first, to split them
+    wins_fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, cands:
+                      search.round_robin_wins(verifier.pair_fn(rp, q),
+                                              jnp.moveaxis(cands, 1, 0)))
     for n in config.best_of_n:
       if verifier.pointwise:
         sc = np.concatenate([o[1] for o in out], 1)[:n]
         nfe_v = n
       else:
-        wins_fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, cands:
-                          search.round_robin_wins(
-                              verifier.pair_fn(rp, q),
-                              jnp.moveaxis(cands, 1, 0)))
         sc = np.concatenate(over_prompts(wins_fn, cands=by_prompt[:, :n]),
                             1)
         nfe_v = 2 * n * (n - 1)
