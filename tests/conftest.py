@@ -4,9 +4,12 @@ Compiling, not running, is most of the suite's time on CPU, so the tests
 (and the trainers they start as subprocesses, which inherit this
 environment) compile with XLA:CPU's LLVM optimisations off, and the
 subprocesses share a persistent compilation cache: a rerun of the same
-trainer command (tests/test_faults.py restarts one five times) loads its
-programs instead of compiling them again. Both change speed only; the
-programs compute the same things.
+trainer command (tests/test_faults.py restarts one three times) loads its
+programs instead of compiling them again. Both change speed, and at most
+floating-point rounding: every comparison (bit-exact resumes, sharded vs one
+device, parity with torch) is between runs under the same flags or within
+the tests' tolerances. rm_runs must stay free of jax imports: it is imported
+here, before XLA_FLAGS is set.
 """
 import atexit
 import os
