@@ -111,9 +111,11 @@ def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
     span: (t_from, t_to), possibly traced: solve only this segment, with
       `schedule.num_steps` evenly spaced steps (no time shift); `noise` is
       then the state at t_from (search over paths).
-    stop_at: k, possibly traced: steps with index >= k leave the state as it
-      is, so the returned x is the state entering step k, at timesteps[k]
-      (ReFL runs the steps before its chosen one without gradient this way).
+    stop_at: k, possibly traced: run only steps 0..k-1 (a loop of k
+      iterations, so the skipped steps cost nothing) and return the state
+      entering step k, at timesteps[k], with no x̂0 trajectory (None). The
+      loop is not reverse-differentiable: ReFL runs the steps before its
+      chosen one this way, with frozen params and no gradient.
 
   Returns:
     (x0 [B, ...], x̂0 of every step [N, B, ...]); for Heun, x̂0 is taken from
@@ -147,10 +149,13 @@ def sample(params, noise: jax.Array, cond, schedule: Schedule, *,
     # then see a constant, so no gradient reaches params through steps < k.
     x_next = jnp.where(i < grad_from_step, jax.lax.stop_gradient(x_next),
                        x_next)
-    if stop_at is not None:
-      x_next = jnp.where(i < stop_at, x_next, x)
     return clamp(x_next), x0_hat
 
+  if stop_at is not None:
+    x = jax.lax.fori_loop(
+        0, stop_at, lambda i, x: step(x, (i, ts[i], ts[i + 1]))[0],
+        clamp(noise))
+    return x, None
   idx = jnp.arange(schedule.num_steps)
   x, x0_traj = jax.lax.scan(step, clamp(noise), (idx, ts[:-1], ts[1:]))
   return x, x0_traj
