@@ -350,6 +350,8 @@ def plot(metrics: dict, path: str) -> None:
   curve = np.asarray([[0, metrics["oracle_before"]]] +
                      list(metrics["oracle_curve"]))
   ax2.plot(curve[:, 0], curve[:, 1], "ko-", label="oracle (held-out)")
+  # From 0, so a change of one prompt does not fill the axis.
+  ax2.set_ylim(0, max(0.2, 1.2 * curve[:, 1].max()))
   ax2.set_ylabel("oracle alignment")
   fig.legend(loc="lower right", fontsize=8)
   fig.tight_layout()

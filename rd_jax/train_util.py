@@ -222,10 +222,10 @@ class Progress:
     logging.info("%s step %d/%d  %s  %.2f steps/s  ETA %s", self.name, step,
                  self.total, "  ".join(f"{k}={v:.4g}" for k, v in
                                        scalars.items() if k != "steps_per_s"),
-                 rate, _fmt_time(eta))
+                 rate, fmt_time(eta))
 
 
-def _fmt_time(s: float) -> str:
+def fmt_time(s: float) -> str:
   s = int(s)
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 

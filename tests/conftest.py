@@ -49,11 +49,23 @@ def rm_reference(shapes_tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gen_smoke(shapes_tiny, tmp_path_factory):
-  """(config, workdir, metrics) of one smoke run of the generator SFT."""
-  from configs import generator_shapes
-  from rd_jax import train_generator
-  cfg = generator_shapes.get_config("smoke")
-  cfg.data_dir = shapes_tiny
-  workdir = str(tmp_path_factory.mktemp("gen"))
-  return cfg, workdir, train_generator.train_and_evaluate(cfg, workdir)
+def demo_smoke(shapes_tiny, tmp_path_factory):
+  """(config, workdir, final_metrics) of the main job's smoke run
+  (configs/demo.py:smoke) on the tiny ShapesWorld. Its stages' workdirs are
+  the trained smoke models other tests use (gen_smoke, test_reward_train,
+  test_refl), so the suite trains each only once."""
+  from configs import demo
+  from rd_jax import main
+  config = demo.get_config("smoke")
+  config.data_dir = shapes_tiny
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  return config, workdir, main.run(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def gen_smoke(demo_smoke):
+  """(config, workdir, metrics) of the main job's generator SFT stage."""
+  from rd_jax import main
+  config, workdir, final = demo_smoke
+  return (main.job_config(config, "generator", workdir),
+          os.path.join(workdir, "generator"), final["generator"])

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import generator_shapes, refl_shapes
+from configs import generator_shapes
 from rd_jax import refl, train_util
 from rd_jax.generation import flow
 from rd_jax.models import generator
@@ -108,12 +108,11 @@ def test_gradient_reaches_the_generator_only_through_step_k():
     np.testing.assert_allclose(want, fd_frozen, rtol=2e-3)
 
 
-def test_refl_smoke_run_writes_its_diagnostics(gen_smoke, rm_reference,
-                                               tmp_path):
-  c = refl_shapes.get_config("smoke")
-  c.generator, c.reward.checkpoint = gen_smoke[1], rm_reference
-  workdir = str(tmp_path / "refl")
-  m = refl.train_and_evaluate(c, workdir)
+def test_refl_smoke_run_writes_its_diagnostics(demo_smoke, gen_smoke):
+  # The main job's refl stage: refl_shapes.py:smoke from its generator and
+  # pairwise RM stages.
+  config, workdir, final = demo_smoke
+  c, m, workdir = config.refl, final["refl"], os.path.join(workdir, "refl")
   rows = train_util.read_jsonl(os.path.join(workdir, "losses.jsonl"))
   assert [r["step"] for r in rows] == list(range(1, c.train.steps + 1))
   curve = [r["reward_mean"] for r in rows]

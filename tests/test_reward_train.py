@@ -2,6 +2,7 @@
 down, held-out pairs beat chance, and eval_rm reads the checkpoint back
 (resuming is tested bit for bit in test_faults.py)."""
 import functools
+import os
 
 import jax
 import numpy as np
@@ -22,10 +23,12 @@ def _config(data_dir, arg="smoke", **kw):
 
 
 @pytest.fixture(scope="module")
-def trained(shapes_tiny, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("rm"))
-  config = _config(shapes_tiny, ckpt_every=20)
-  return workdir, train_rm.train_and_evaluate(config, workdir), shapes_tiny
+def trained(demo_smoke, shapes_tiny):
+  """The main job's smoke pairwise RM (rm_shapes.py:smoke, 40 steps)."""
+  config, workdir, final = demo_smoke
+  assert config.reward_model.ckpt_every == 20
+  return (os.path.join(workdir, "reward_model"), final["reward_model"],
+          shapes_tiny)
 
 
 def test_training_lowers_loss(trained):
