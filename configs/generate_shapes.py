@@ -1,4 +1,4 @@
-r"""Inference-time scaling on ShapesWorld held-out prompts (T2I).
+r"""Inference-time scaling on ShapesWorld held-out prompts (T2I, T2V, I2V).
 
   python -m rd_jax.generate --config=configs/generate_shapes.py \
       --config.generator=/tmp/gen_img --config.verifier.checkpoint=/tmp/rm_pw \
@@ -7,15 +7,18 @@ r"""Inference-time scaling on ShapesWorld held-out prompts (T2I).
 Compares, on the same prompts and the oracle: plain sampling at several step
 counts, Best-of-N (N in `best_of_n`) and Search over Paths (each (n, m) in
 `search.paths`), against the number of generator and verifier evaluations
-per prompt. The generator is a `train_generator` workdir (its EMA params);
+per prompt. The generator is a `train_generator` workdir or a `refl`
+workdir (the generator after ReFL; its EMA params either way);
 the verifier a `train_rm` workdir: pointwise_generative scores each sample
 (P("yes")), pairwise_generative ranks Best-of-N candidates by round-robin
 wins (symmetric), and cannot drive the search, which needs a pointwise
 score.
 
 Keys:
-  generator            train_generator workdir (required)
-  stage                its stage to sample ('image')
+  generator            train_generator or refl workdir (required)
+  stage                its stage to sample: 'image' (T2I) or 'video'
+  task                 '' (t2i for image, t2v for video) or 'i2v' (video:
+                       the first frame given, a render of the spec)
   verifier.checkpoint  train_rm workdir (required)
   modes                any of plain, best_of_n, search_over_paths
   plain_steps          solver steps of the plain runs
@@ -44,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.generator = ""
   c.stage = "image"
+  c.task = ""  # "" = t2i (image stage) / t2v (video stage); or i2v
   c.data_dir = ""  # "" = the generator's
   c.verifier = ml_collections.ConfigDict(dict(checkpoint=""))
   c.modes = ("plain", "best_of_n", "search_over_paths")

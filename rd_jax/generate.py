@@ -1,20 +1,28 @@
-r"""Inference-time scaling with the reward model as verifier (T2I).
+r"""Inference-time scaling with the reward model as verifier (T2I, T2V, I2V).
 
   python -m rd_jax.generate --config=configs/generate_shapes.py \
       --config.generator=GEN_WORKDIR --config.verifier.checkpoint=RM_WORKDIR \
       --workdir=DIR
+  ... --config.stage=video [--config.task=i2v]   (a kind=video verifier)
 
-Samples held-out (test_id) ShapesWorld prompts with the SFT generator's EMA
-params in three modes (configs/generate_shapes.py): plain sampling, Best-of-N
+Samples held-out (test_id) ShapesWorld prompts with a generator's EMA params
+(a train_generator workdir, or a refl workdir: the generator after ReFL)
+in three modes (configs/generate_shapes.py): plain sampling, Best-of-N
 and Search over Paths (rd_jax/generation/search.py), scores the returned
 samples with the oracle and writes
 
   DIR/final_metrics.json  curves: [{mode, n, m, steps, nfe_generator,
                           nfe_verifier, oracle, by_category}; Best-of-N
                           rows add oracle_pass_at_n: the share of prompts
-                          with some right candidate], verifier, wall_s
+                          with some right candidate], task, verifier, wall_s
   DIR/oracle_vs_nfe.png   oracle alignment against generator NFE per prompt
-  DIR/samples_<mode>.png  grids of returned samples
+  DIR/samples_<mode>.png  grids of returned samples (videos: .gif and a
+                          _frames.png strip)
+
+The image stage samples text-to-image; the video stage text-to-video, or
+with task i2v image-to-video: every mode gets the same given first frame
+per prompt (a render of the held-out spec), held fixed while sampling and
+searching.
 
 NFE are per prompt and count one forward pass of one sample: a CFG step is
 2, a Heun step 2 (×2 with CFG). A symmetric pairwise verifier call is 2.
@@ -44,21 +52,30 @@ from rd_jax.reward import model as rm_model
 
 
 def load_generator(workdir: str, stage: str):
-  """(config, stage config, EMA params) of a train_generator workdir."""
-  config = train_util.load_config(
-      workdir, "--config.generator must be a train_generator --workdir")
+  """(SFT config, stage config, EMA params) of a train_generator workdir,
+  or of a refl workdir (its generator after ReFL; `stage` is then the one
+  it fine-tuned)."""
+  hint = "--config.generator must be a train_generator or refl --workdir"
+  config = train_util.load_config(workdir, hint)
+  if "refl" in config:  # a ReFL workdir: its SFT generator's architecture
+    from rd_jax import refl  # pylint: disable=g-import-not-at-top
+    stage, opt = config.stage, refl.make_optimizer(config.train)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    config = train_util.load_config(config.generator, hint)
+  else:
+    opt = train_generator.make_optimizer(config[stage])
+    ckpt_dir = os.path.join(workdir, stage, "checkpoints")
   st = config[stage]
-  opt = train_generator.make_optimizer(st)
 
   def init():
     params = generator.init(st.model, jax.random.key(0))
     return {"params": params, "opt": opt.init(params), "ema": params,
             "step": jnp.zeros((), jnp.int32)}
 
-  ckpt = train_util.Checkpointer(os.path.join(workdir, stage, "checkpoints"))
+  ckpt = train_util.Checkpointer(ckpt_dir)
   state, step = ckpt.restore(jax.eval_shape(init))
   ckpt.close()
-  logging.info("generator %s/%s: step %d", workdir, stage, step)
+  logging.info("generator %s (%s): step %d", workdir, stage, step)
   return config, st, state["ema"]
 
 
@@ -106,12 +123,20 @@ class Verifier:
         generator.to_unit(cand), q, symmetric=True)
 
 
-def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
+def known_frames(st, first):
+  """flow.sample's `known` for image-to-video (`first` [B, R, R, 3]), or
+  None."""
+  return None if first is None else train_generator.i2v_known(st, first)
+
+
+def candidates(st, verifier, params, rm_params, ids, mask, q, noise,
+               first=None):
   """Best-of-N pool: samples [N, B, ...] and verifier scores [N, B]
-  (pointwise P(yes), or nothing for a pairwise verifier)."""
+  (pointwise P(yes), or nothing for a pairwise verifier); `first`: the
+  given first frames of image-to-video."""
   noise = jnp.moveaxis(noise, 1, 0)
   sample_fn = functools.partial(train_generator.sample, st, params, ids,
-                                mask)
+                                mask, known=known_frames(st, first))
   if verifier.pointwise:
     _, samples, scores = search.best_of_n(
         sample_fn, verifier.score_fn(rm_params, q), noise)
@@ -119,10 +144,12 @@ def candidates(st, verifier, params, rm_params, ids, mask, q, noise):
   return jax.vmap(sample_fn)(noise), None
 
 
-def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
+def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng,
+          first=None):
   noise = jnp.moveaxis(noise, 1, 0)
   cond = generator.encode_text(st.model, params, ids, mask)
   uncond = generator.unconditional(cond)
+  known = known_frames(st, first)
 
   def segment_fn(x, t_from, t_to, steps):
     x, x0s = flow.sample(params, x, cond, flow.Schedule(steps, 1.0,
@@ -130,7 +157,7 @@ def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
                          velocity_fn=generator.velocity_fn(
                              st.model, guidance=st.get("guidance")),
                          uncond=uncond, cfg_scale=st.cfg_scale,
-                         span=(t_from, t_to))
+                         known=known, span=(t_from, t_to))
     return x, x0s[-1]
 
   best, _ = search.search_over_paths(
@@ -138,16 +165,27 @@ def paths(st, verifier, cfg, params, rm_params, ids, mask, q, noise, rng):
   return best
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+TASKS = {"image": ("t2i",), "video": ("t2v", "i2v")}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        verifier: Verifier | None = None) -> dict:
+  """Writes and returns final_metrics; `verifier` (default: loaded from
+  config.verifier.checkpoint) lets a caller pass one in."""
   from rd_jax.data import oracle, pipeline, tokenizer, world  # pylint: disable=g-import-not-at-top
-  config_util.require_workdirs(config, {"generator": "train_generator",
-                                       "verifier.checkpoint": "train_rm"})
+  config_util.require_workdirs(config, {"generator": "train_generator"})
+  if verifier is None:
+    config_util.require_workdirs(config, {"verifier.checkpoint": "train_rm"})
   train_util.prepare_workdir(workdir)
   train_util.save_config(workdir, config)
   t0 = time.time()
   gcfg, st, params = load_generator(config.generator, config.stage)
-  if st.frames:
-    raise ValueError("generate supports the image stage (T2I) only so far")
+  kind = "video" if st.frames else "image"
+  task = config.task or ("t2v" if st.frames else "t2i")
+  if task not in TASKS[kind]:
+    raise ValueError(
+        f"--config.task={task} does not fit stage {config.stage!r}, which "
+        f"samples {kind}s; use {' or '.join(TASKS[kind])}")
   data_dir = config.data_dir or gcfg.data_dir
   # Both models on config.mesh by their logical names; prompts (and their
   # candidates) are split over the batch axes. Every program below is one
@@ -158,10 +196,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rules = sharding.rules_from_config(config)
   params, _ = sharding.put(params, mesh, rules,
                            generator.logical_specs(st.model))
-  verifier = Verifier.load(config.verifier.checkpoint, data_dir, mesh,
-                           rules)
+  if verifier is None:
+    verifier = Verifier.load(config.verifier.checkpoint, data_dir, mesh,
+                             rules)
+  if verifier.config.kind != kind:
+    raise ValueError(f"the verifier is a {verifier.config.kind} RM, but "
+                     f"stage {config.stage!r} samples {kind}s; train it "
+                     f"with rm_shapes.py:kind={kind}")
   tok = tokenizer.load(pipeline.tokenizer_dir(data_dir))
-  specs = world.eval_specs("image", "test_id", n=config.eval_n,
+  specs = world.eval_specs(kind, "test_id", n=config.eval_n,
                            seed=config.seed)
   ids, mask = tokenizer.encode(tok, [world.prompt(s) for s in specs],
                                st.model.text.max_len)
@@ -170,8 +213,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               [n for n, _ in config.search.paths])
   # The same noises for every mode, stored [prompt, candidate, ...] so a
   # batch's rows split over processes.
+  shape = ((st.frames,) if st.frames else ()) + (r, r, 3)
   noise_all = np.moveaxis(np.asarray(jax.random.normal(
-      jax.random.key(config.seed), (n_max, len(specs), r, r, 3))), 0, 1)
+      jax.random.key(config.seed), (n_max, len(specs), *shape))), 0, 1)
+  # Image-to-video: every mode is given the same first frames, held fixed.
+  given = ({"first": train_generator.i2v_first_frames(config.seed, st,
+                                                      specs)}
+           if task == "i2v" else {})
   q_all = rm_eval.encode_specs(verifier.config, verifier.tok, specs)
   rows = sharding.batch_shards(mesh, rules)
   if config.eval_batch % rows or len(specs) % config.eval_batch:
@@ -204,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       local = {"ids": ids[sl], "mask": mask[sl],
                "q": {k: v[sl] for k, v in q_all.items()},
                "noise": noise_all[sl, :n_noise],
-               **{k: v[sl] for k, v in arrays.items()}}
+               **{k: v[sl] for k, v in {**given, **arrays}.items()}}
       b = sharding.global_batch(local, mesh, rules)
       with jax.set_mesh(mesh):
         res = fn(params, verifier.params, b.pop("ids"), b.pop("mask"),
@@ -215,15 +263,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if "plain" in config.modes:
     for steps in config.plain_steps:
-      fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, steps=steps:
-                   train_generator.sample(st, p, ids, mask, noise[:, 0],
-                                          steps=steps))
+      fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, first=None,
+                   steps=steps: train_generator.sample(
+                       st, p, ids, mask, noise[:, 0],
+                       known=known_frames(st, first), steps=steps))
       record("plain", np.concatenate(over_prompts(fn)), steps * per_step, 0,
              steps=steps)
 
   if "best_of_n" in config.modes:
-    fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng: candidates(
-        st, verifier, p, rp, ids, mask, q, noise))
+    fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, first=None:
+                 candidates(st, verifier, p, rp, ids, mask, q, noise, first))
     n_pool = max(config.best_of_n)
     out = over_prompts(fn, n_pool)
     pool = np.concatenate([o[0] for o in out], 1)  # [N, P, ...]
@@ -232,9 +281,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     right = np.stack([oracle.score_batch(np.asarray(generator.to_pixels(p)),
                                          specs) for p in pool])
     by_prompt = np.moveaxis(pool, 1, 0)  # rows first, to split them
-    wins_fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, cands:
-                      search.round_robin_wins(verifier.pair_fn(rp, q),
-                                              jnp.moveaxis(cands, 1, 0)))
+    wins_fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, cands,
+                      first=None: search.round_robin_wins(
+                          verifier.pair_fn(rp, q), jnp.moveaxis(cands, 1, 0)))
     for n in config.best_of_n:
       if verifier.pointwise:
         sc = np.concatenate([o[1] for o in out], 1)[:n]
@@ -267,14 +316,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for mode, samples in grids.items():
     train_generator.save_grid(os.path.join(workdir, f"samples_{mode}"),
                               samples, config.num_grid)
-  plot(curves, os.path.join(workdir, "oracle_vs_nfe.png"))
-  metrics = {"curves": curves, "verifier": verifier.paradigm,
+  plot(curves, os.path.join(workdir, "oracle_vs_nfe.png"), task)
+  metrics = {"curves": curves, "task": task, "verifier": verifier.paradigm,
              "wall_s": time.time() - t0}
   train_util.write_json(os.path.join(workdir, "final_metrics.json"), metrics)
   return metrics
 
 
-def plot(curves: list[dict], path: str) -> None:
+def plot(curves: list[dict], path: str, task: str = "t2i") -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -292,7 +341,7 @@ def plot(curves: list[dict], path: str) -> None:
             label="pass@N (a perfect verifier)")
   ax.set_xscale("log")
   ax.set_xlabel("generator NFE per prompt")
-  ax.set_ylabel("oracle alignment (held-out T2I)")
+  ax.set_ylabel(f"oracle alignment (held-out {task.upper()})")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()

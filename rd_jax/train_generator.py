@@ -154,8 +154,27 @@ def _jit_sampler(st):
   return _jit_sampler_from_json(st.to_json())
 
 
+def i2v_first_frames(seed: int, st, specs) -> np.ndarray:
+  """The given first frames of image-to-video prompts [P, R, R, 3] (model
+  space): a fresh render of each held-out spec, frame 0."""
+  _, _, _, world = _data_modules()
+  np_rng = np.random.default_rng([seed, 11])
+  first = np.stack([world.render(s, np_rng, size=64, frames=st.frames,
+                                 split="test_id")[0] for s in specs])
+  return np.asarray(generator.to_model_space(
+      generator.resize(first, st.resolution)))
+
+
+def i2v_known(st, first: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """flow.sample's `known` (mask, value) [B, T, R, R, 3] that holds frame 0
+  at `first` [B, R, R, 3]."""
+  b, r = first.shape[0], st.resolution
+  return (first_frame_mask(jnp.ones(b, bool), st.frames),
+          jnp.broadcast_to(first[:, None], (b, st.frames, r, r, 3)))
+
+
 def evaluate(config, st, params, tok, rng: jax.Array, task: str):
-  """Samples held-out prompts; returns (verdicts, specs, uint8 samples)."""
+  """Samples held-out prompts; returns (uint8 samples, specs)."""
   oracle, _, tokenizer, world = _data_modules()
   del oracle
   specs = world.eval_specs(_kind(st), "test_id", n=st.eval_n,
@@ -165,15 +184,8 @@ def evaluate(config, st, params, tok, rng: jax.Array, task: str):
   r = st.resolution
   shape = (len(specs),) + ((st.frames,) if st.frames else ()) + (r, r, 3)
   noise = jax.random.normal(rng, shape)
-  known = None
-  if task == "i2v":
-    # The given first frame: a fresh render of the held-out spec.
-    np_rng = np.random.default_rng([config.seed, 11])
-    first = np.stack([world.render(s, np_rng, size=64, frames=st.frames,
-                                   split="test_id")[0] for s in specs])
-    first = generator.to_model_space(generator.resize(first, r))
-    known = (first_frame_mask(jnp.ones(len(specs), bool), st.frames),
-             jnp.broadcast_to(first[:, None], shape))
+  known = (i2v_known(st, i2v_first_frames(config.seed, st, specs))
+           if task == "i2v" else None)
   fn = _jit_sampler(st)
   out = []
   for i in range(0, len(specs), st.eval_batch):

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from configs import generate_shapes, generator_shapes
-from rd_jax import generate, train_generator
+from configs import generate_shapes, generator_shapes, rm_shapes
+from rd_jax import generate, train_generator, train_rm
 from rd_jax.data import world
 from rd_jax.generation import flow
 from rd_jax.models import generator
@@ -136,3 +137,47 @@ def test_generate_counts_nfe_and_needs_a_pointwise_verifier_to_search(
       "search_over_paths needs a pointwise verifier; --config.verifier."
       "checkpoint is a pairwise_generative RM")):
     generate.run(c, str(tmp_path / "g2"))
+
+
+def test_generate_image_to_video_holds_the_given_first_frame(gen_smoke,
+                                                             tmp_path):
+  """generate's video stage, task i2v, every mode: the returned videos
+  start with the given first frame, exactly; the NFE counts are a
+  pointwise verifier's. The verifier is an untrained video RM (its scores
+  pick candidates, the property holds for any)."""
+  cfg, workdir, _ = gen_smoke
+  rc = rm_shapes.get_config("smoke,kind=video,paradigm=pointwise_generative")
+  rc.data_dir = cfg.data_dir
+  tok = train_rm.load_tokenizer(rc)
+  params = train_rm.init_state(rc, jax.random.key(0))[0]["params"]
+  c = generate_shapes.get_config("smoke")
+  c.generator, c.stage, c.task = workdir, "video", "i2v"
+  c.eval_n = c.eval_batch = 4
+  out = str(tmp_path / "v")
+  m = generate.run(c, out, verifier=generate.Verifier(rc, params, tok))
+  st = cfg.video
+  assert m["task"] == "i2v" and st.frames == 8
+  per_step = generate.nfe_per_step(st)
+  rows = [(r["mode"], r.get("n"), r["nfe_generator"], r["nfe_verifier"])
+          for r in m["curves"]]
+  assert rows[:3] == [("plain", None, 2 * per_step, 0),
+                      ("best_of_n", 1, st.sample_steps * per_step, 1),
+                      ("best_of_n", 2, 2 * st.sample_steps * per_step, 2)]
+  assert rows[3][0] == "search_over_paths"
+  specs = world.eval_specs("video", "test_id", n=c.eval_n, seed=c.seed)
+  first = np.asarray(generator.to_pixels(
+      train_generator.i2v_first_frames(c.seed, st, specs)))
+  r = st.resolution
+  for mode in ("plain", "best_of_n", "search_over_paths"):
+    # Rows of the lossless frame strip: one video each, frames side by side.
+    strip = np.asarray(Image.open(f"{out}/samples_{mode}_frames.png"))
+    got = strip.reshape(c.eval_n, r, st.frames, r, 3)[:, :, 0]
+    np.testing.assert_array_equal(got, first, err_msg=mode)
+    # The other frames are sampled, not copies of the first.
+    assert not np.array_equal(strip.reshape(c.eval_n, r, st.frames, r, 3)
+                              [:, :, 1], first), mode
+  c.task = "t2i"
+  with pytest.raises(ValueError, match="--config.task=t2i does not fit "
+                     "stage 'video', which samples videos; use t2v or i2v"):
+    generate.run(c, str(tmp_path / "w"), verifier=generate.Verifier(
+        rc, params, tok))
