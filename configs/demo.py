@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.search = generate_shapes.get_config(smoke)
   if not arg.smoke:
     # About half of each job's own budget (module docstring).
-    c.generator.image.steps = 2400
+    c.generator.image.steps = 2000
     c.generator.video.steps = 150
     c.reward_model.train.steps = 800
     c.reward_model.update(eval_every=200, ckpt_every=200)
@@ -76,7 +76,8 @@ def get_config(arg=None):
     # The oracle curve on the same 60 prompts as before / after.
     c.refl.update(eval_every=50, eval_n=60, final_eval_n=60, eval_batch=30)
     c.search.update(eval_n=60, eval_batch=30, plain_steps=(20,),
-                    best_of_n=(1, 4, 16))
+                    best_of_n=(1, 2, 4, 8))
+    c.search.search.paths = ((2, 2), (4, 2))  # 200 and 400 generator NFE
   # The report compares SFT, ReFL and ReFL + search on the same held-out
   # prompts: ReFL's final evaluation and the search draw the first n of the
   # same test_id specs (world.eval_specs, same seed).
