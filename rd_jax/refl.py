@@ -353,7 +353,9 @@ def plot(metrics: dict, path: str) -> None:
   # From 0, so a change of one prompt does not fill the axis.
   ax2.set_ylim(0, max(0.2, 1.2 * curve[:, 1].max()))
   ax2.set_ylabel("oracle alignment")
-  fig.legend(loc="lower right", fontsize=8)
+  lines = [a.get_legend_handles_labels() for a in (ax, ax2)]
+  ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1],
+            loc="center right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
