@@ -131,9 +131,10 @@ def write(final: dict, config, workdir: str) -> str:
     parts += [
         "## ReFL: reward and reward hacking", "",
         table(["figure", "first step", "last step"],
-              [["reward mean (pairwise, vs Best-of-N references)",
-                rewards[0], rewards[-1]],
+              [[f"reward mean ({rf['paradigm']})", rewards[0], rewards[-1]],
                ["reward std over the sliding window", stds[0], stds[-1]],
+               [f"its peak: {max(stds):.3f} at step "
+                f"{stds.index(max(stds)) + 1}", None, None],
                ["oracle alignment (held-out)", rf["oracle_before"],
                 rf["oracle_after"]],
                ["sample diversity (pixel std across seeds)",
