@@ -208,14 +208,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                            seed=config.seed)
   ids, mask = tokenizer.encode(tok, [world.prompt(s) for s in specs],
                                st.model.text.max_len)
-  r = st.resolution
   n_max = max([1] + list(config.best_of_n) +
               [n for n, _ in config.search.paths])
   # The same noises for every mode, stored [prompt, candidate, ...] so a
   # batch's rows split over processes.
-  shape = ((st.frames,) if st.frames else ()) + (r, r, 3)
   noise_all = np.moveaxis(np.asarray(jax.random.normal(
-      jax.random.key(config.seed), (n_max, len(specs), *shape))), 0, 1)
+      jax.random.key(config.seed),
+      (n_max,) + generator.sample_shape(st, len(specs)))), 0, 1)
   # Image-to-video: every mode is given the same first frames, held fixed.
   given = ({"first": train_generator.i2v_first_frames(config.seed, st,
                                                       specs)}

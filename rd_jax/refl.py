@@ -146,7 +146,6 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
   prompt (one vmapped call), ranked by round-robin symmetric pairwise wins
   under the reward model, the top (or bottom) k kept."""
   rc = config.references
-  r = st.resolution
 
   def one_batch(ids, mask, q, noise):
     samples = jax.vmap(lambda z: train_generator.sample(
@@ -163,8 +162,8 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
   key = jax.random.key(config.seed + 17)
   for i in range(0, len(ids), bs):
     sl = slice(i, i + bs)
-    noise = jax.random.normal(jax.random.fold_in(key, i),
-                              (rc.n, len(ids[sl]), r, r, 3))
+    noise = jax.random.normal(jax.random.fold_in(key, i), (rc.n,) +
+                              generator.sample_shape(st, len(ids[sl])))
     out.append(np.asarray(fn(ids[sl], mask[sl],
                              jax.tree.map(lambda a, sl=sl: a[sl], q), noise)))
     log(f"references: {i + len(ids[sl])}/{len(ids)} prompts "
@@ -264,8 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   evals_path = os.path.join(workdir, "evals.jsonl")
   k_eval = jax.random.key(config.seed + 3)
   n_div = config.diversity_prompts
-  div_noise = jax.random.normal(k_eval, (config.diversity_seeds, n_div,
-                                         st.resolution, st.resolution, 3))
+  div_noise = jax.random.normal(k_eval, (config.diversity_seeds,) +
+                                generator.sample_shape(st, n_div))
   div_fn = jax.jit(lambda p: diversity(st, p, jnp.asarray(ids[:n_div]),
                                        jnp.asarray(mask[:n_div]), div_noise))
 

@@ -168,9 +168,9 @@ def i2v_first_frames(seed: int, st, specs) -> np.ndarray:
 def i2v_known(st, first: jax.Array) -> tuple[jax.Array, jax.Array]:
   """flow.sample's `known` (mask, value) [B, T, R, R, 3] that holds frame 0
   at `first` [B, R, R, 3]."""
-  b, r = first.shape[0], st.resolution
+  b = first.shape[0]
   return (first_frame_mask(jnp.ones(b, bool), st.frames),
-          jnp.broadcast_to(first[:, None], (b, st.frames, r, r, 3)))
+          jnp.broadcast_to(first[:, None], generator.sample_shape(st, b)))
 
 
 def evaluate(config, st, params, tok, rng: jax.Array, task: str):
@@ -181,9 +181,7 @@ def evaluate(config, st, params, tok, rng: jax.Array, task: str):
                            seed=config.seed)
   ids, mask = tokenizer.encode(tok, [world.prompt(s) for s in specs],
                                st.model.text.max_len)
-  r = st.resolution
-  shape = (len(specs),) + ((st.frames,) if st.frames else ()) + (r, r, 3)
-  noise = jax.random.normal(rng, shape)
+  noise = jax.random.normal(rng, generator.sample_shape(st, len(specs)))
   known = (i2v_known(st, i2v_first_frames(config.seed, st, specs))
            if task == "i2v" else None)
   fn = _jit_sampler(st)
