@@ -276,10 +276,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     cats = oracle.by_category(oracle.score_batch(samples, especs), especs)
     return {str(k): float(v) for k, v in cats.items()}, samples
 
+  last_eval = {}  # {n prompts: the final step's (cats, samples)}
+
   def on_step(step, state):
     if step % config.eval_every and step != tc.steps:
       return
     cats, samples = oracle_eval(state["ema"], config.eval_n)
+    if step == tc.steps:
+      last_eval[config.eval_n] = cats, samples
     row = {"step": step, "oracle": cats["overall"]}
     writer.write_scalars(step, {"oracle_during": cats["overall"]})
     with open(evals_path, "a") as f:
@@ -305,7 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt.close()
   if info["preempted"]:
     return {"preempted": True}
-  after, after_samples = oracle_eval(state["ema"], config.final_eval_n)
+  # The last step's evaluation is this one when it drew as many prompts
+  # (same params, same noise); else (or after a resume past it) sample.
+  after, after_samples = (last_eval.get(config.final_eval_n) or
+                          oracle_eval(state["ema"], config.final_eval_n))
   train_generator.save_grid(os.path.join(workdir, "samples_after"),
                             after_samples, config.num_grid)
   rows = train_util.read_jsonl(os.path.join(workdir, "losses.jsonl"))
