@@ -92,8 +92,8 @@ class Verifier:
   tok: Any = None
 
   def __post_init__(self):
-    if self.paradigm == "pointwise_regressive":
-      raise ValueError("a regressive RM has no P(yes); train a "
+    if self.paradigm not in ("pointwise_generative", "pairwise_generative"):
+      raise ValueError(f"a {self.paradigm} model has no P(yes); train a "
                        "pointwise_generative or pairwise_generative verifier")
 
   @classmethod

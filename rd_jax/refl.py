@@ -61,7 +61,9 @@ def reward(cfg, rm_params, images: jax.Array, batch: dict) -> jax.Array:
     return rm_model.pointwise_reward(cfg.rm, rm_params, images, q)
   if paradigm == "pointwise_regressive":
     return rm_model.regressive_reward(cfg.rm, rm_params, images, q)
-  raise ValueError(f"unknown paradigm {paradigm!r}")
+  raise ValueError(f"a {paradigm!r} model gives no reward (a 'caption' "
+                   "workdir is a pretrained VLM: train a reward model from it "
+                   "with --config.init_from)")
 
 
 def refl_loss(gen_params, frozen: dict, batch: dict, rng: jax.Array, cfg):

@@ -6,6 +6,8 @@ Paradigms (config.paradigm, DESIGN.md §2.2):
   pairwise_generative   CE on the answer token; every pair in both orders
   pointwise_generative  Bradley-Terry on l_yes - l_no + alpha * CE
   pointwise_regressive  Bradley-Terry on a scalar head
+  caption               not a reward: pretraining of the VLM, LM loss on
+                        each prompt given its matching (chosen) image
 plus task instructions (config.instruction) and CoT rationales (config.cot,
 LM loss weight config.w_cot). Writes to WORKDIR: config.json, Orbax
 checkpoints (resumed from the latest, data iterator included; SIGTERM saves
@@ -19,6 +21,9 @@ final_metrics.json:
   position_consistency(_ood)      pairwise: decision survives swapping
   steps, wall_s, train_s, params, first_loss (first step of this
   process), final_loss, skipped_steps (non-finite updates skipped)
+(paradigm caption: caption_ce_id/_ood, caption_acc_id/_ood instead of the
+preference metrics). config.init_from = another train_rm workdir starts
+from its params (same rm.model; e.g. a caption-pretrained VLM).
 """
 from __future__ import annotations
 
@@ -65,6 +70,34 @@ def make_optimizer(tc) -> optax.GradientTransformation:
       end_value=tc.lr * 0.05)
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                      optax.adamw(lr, b2=tc.b2, weight_decay=tc.weight_decay))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict)
+               else {prefix + k: v})
+  return out
+
+
+def from_pretrained(config, state: dict, opt, mesh, rules) -> dict:
+  """`state` with the params of config.init_from (a train_rm workdir, or
+  its checkpoints/STEP) on the mesh, a fresh optimiser state and step 0."""
+  from rd_jax import eval_rm  # pylint: disable=g-import-not-at-top
+  src, params, step, _ = eval_rm.load(config.init_from, config.data_dir,
+                                      mesh=mesh, rules=rules)
+  theirs, ours = (_flat(c.rm.model.to_dict()) for c in (src, config))
+  diff = [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in sorted(
+      set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+  if diff:
+    raise ValueError(
+        f"init_from={config.init_from} holds another model than this run's "
+        f"rm.model (theirs vs ours: {'; '.join(diff)}); pretrain with the "
+        "same rm.model, or leave init_from empty to start from random params")
+  logging.info("initialised from %s step %d (%s)", config.init_from, step,
+               src.paradigm)
+  return {"params": params, "opt": jax.jit(opt.init)(params),
+          "step": jnp.zeros_like(state["step"])}
 
 
 def init_state(config, rng: jax.Array) -> tuple[dict, optax.GradientTransformation]:
@@ -117,10 +150,15 @@ def augment(aug, rng: jax.Array, chosen: jax.Array, rejected: jax.Array):
 # ---------------------------------------------------------------- train step
 
 
-def loss_fn(config, params, seq: dict, chosen, rejected):
+def loss_fn(config, params, seq: dict, chosen, rejected, caption=None):
   """(loss, aux) for one batch of B pairs; seq from
-  evaluate.training_sequences (2B rows)."""
+  evaluate.training_sequences (2B rows); paradigm caption: `caption` rows
+  (evaluate.caption_rows, B rows) of the chosen images instead."""
   rm = config.rm
+  if config.paradigm == rm_eval.CAPTION:
+    s = rm_eval.caption_scores(rm, params, caption, chosen)
+    tokens = jnp.maximum(jnp.sum(s["tokens"]), 1)
+    return jnp.sum(s["ce"]) / tokens, {"acc": jnp.sum(s["hits"]) / tokens}
   ch = model.per_sequence(rm, chosen)
   rej = model.per_sequence(rm, rejected)
   b, t = ch.shape[:2]
@@ -157,17 +195,20 @@ def loss_fn(config, params, seq: dict, chosen, rejected):
     correct = r[:b] > r[b:]
   else:
     raise ValueError(f"unknown paradigm {config.paradigm!r}; one of "
-                     f"{rm_eval.PARADIGMS}")
+                     f"{rm_eval.PARADIGMS + (rm_eval.CAPTION,)}")
   return loss, dict(aux, acc=jnp.mean(correct.astype(jnp.float32)))
+
+
+PER_PAIR = ("chosen", "rejected", "caption")  # batch keys: a row per pair
 
 
 def pair_major(seq: dict) -> dict:
   """training_sequences' 2B rows (rows i and B + i: pair i's two sequences)
   -> [B, 2, ...]: a batch row holds all of one pair, so the pairs each
   process loads assemble into the global batch (sharding.global_batch) as
-  they would on one process. train_step takes this layout. `chosen` and
-  `rejected` (already one row per pair) pass through."""
-  return {k: v if k in ("chosen", "rejected") else
+  they would on one process. train_step takes this layout. `chosen`,
+  `rejected` and `caption` (already one row per pair) pass through."""
+  return {k: v if k in PER_PAIR else
           np.stack(np.split(np.asarray(v), 2), 1) for k, v in seq.items()}
 
 
@@ -181,18 +222,20 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
   `rejected` [B, ...] and the token arrays in pair_major layout."""
   chosen, rejected = augment(config.augment, rng, batch["chosen"],
                              batch["rejected"])
-  seq = {k: row_major(v) for k, v in batch.items()
-         if k not in ("chosen", "rejected")}
+  seq = {k: row_major(v) for k, v in batch.items() if k not in PER_PAIR}
   (loss, aux), grads = jax.value_and_grad(
       functools.partial(loss_fn, config), has_aux=True)(
-          state["params"], seq, chosen, rejected)
+          state["params"], seq, chosen, rejected, batch.get("caption"))
   new, skipped = train_util.apply_gradients(state, grads, opt, loss=loss)
   return new, dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    skipped=skipped)
 
 
 def device_batch(config, tok, tpi: int, batch) -> dict:
-  seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
+  if config.paradigm == rm_eval.CAPTION:
+    seq = {"caption": rm_eval.caption_rows(config, tok, tpi, batch)}
+  else:
+    seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
   seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
   return seq
 
@@ -217,6 +260,11 @@ def final_metrics(evals: dict) -> dict:
       continue
     m = evals[split]
     tail = "" if split == "test_id" else "_ood"
+    if "caption_ce" in m:
+      out.update({f"caption_ce{suffix}": m["caption_ce"],
+                  f"caption_acc{suffix}": m["caption_acc"],
+                  f"n{suffix}": m["n"]})
+      continue
     out[f"acc{suffix}"] = m["acc"]
     if "acc_sym" in m:
       out[f"acc_sym{suffix}"] = m["acc_sym"]
@@ -255,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                               on_corrupt=config.on_corrupt))
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.ckpt_every)
+  if config.get("init_from") and ckpt.latest_step() is None:
+    state = from_pretrained(config, state, opt, mesh, rules)
   step_fn = train_util.jit_step(functools.partial(train_step, config, opt),
                                 mesh, state_sh)
   score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
@@ -265,10 +315,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     m = rm_eval.evaluate(config, state["params"], tok, score_fn, tpi,
                          split="test_id", max_pairs=config.eval_pairs,
                          batch_size=config.eval_batch)
-    writer.write_scalars(step, {"eval/acc_id": m["acc"],
-                                "eval/ece_id": m["ece"]})
-    logging.info("step %d eval (test_id, %d pairs): acc=%.3f ece=%.3f",
-                 step, m["n"], m["acc"], m["ece"])
+    m = {k: m[k] for k in ("acc", "ece", "caption_ce", "caption_acc")
+         if k in m}
+    writer.write_scalars(step, {f"eval/{k}_id": v for k, v in m.items()})
+    logging.info("step %d eval (test_id, %d pairs): %s", step,
+                 config.eval_pairs,
+                 "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
 
   def make_batch(raw: dict) -> dict:
     return sharding.global_batch(device_batch(config, tok, tpi, raw), mesh,

@@ -84,6 +84,48 @@ def test_sequences_layout(shapes_tiny):
                      question_len=5)
 
 
+def test_caption_rows_and_scores(shapes_tiny):
+  """Caption rows put the prompt right after the assistant turn, and
+  caption_scores is the whole sequence's next-token CE over exactly the
+  prompt's tokens (paradigm caption, the VLM pretraining)."""
+  tok = tokenizer.load(f"{shapes_tiny}/tokenizer")
+  rm = rm_shapes.get_config("smoke").rm
+  tpi = internvl.tokens_per_image(rm.model)
+  prompts = ["a red circle", "a square left of a blue triangle"]
+  cap = sequences.caption(tok, prompts, num_images=1, tokens_per_image=tpi,
+                          caption_len=16)
+  n = int(cap["read_pos"][0]) + 1
+  assert (cap["read_pos"] == n - 1).all()
+  tail = tok.encode(sequences.ASSISTANT, add_special_tokens=False)
+  for i, p in enumerate(prompts):
+    want = tok.encode(p, add_special_tokens=False)
+    ids = cap["input_ids"][i]
+    assert list(ids[n - len(tail):n]) == tail
+    assert list(ids[n:n + len(want)]) == want
+    assert list(cap["answer_ids"][i][cap["answer_mask"][i]]) == want
+    assert cap["attention_mask"][i].sum() == n + len(want)
+  params = model.init(rm, jax.random.key(0))
+  images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3),
+                                              dtype=np.uint8)
+  got = rm_eval.caption_scores(rm, params, cap, images)
+  feats = model.embed_images(rm, params, images[:, None])
+  every = np.broadcast_to(np.arange(cap["input_ids"].shape[1]),
+                          cap["input_ids"].shape)
+  logits, _ = model.logits_and_hidden(rm, params, cap, feats, every)
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  for i in range(2):
+    k = int(cap["answer_mask"][i].sum())
+    pos = np.arange(n - 1, n - 1 + k)
+    targets = cap["input_ids"][i, pos + 1]
+    np.testing.assert_allclose(got["ce"][i], -logp[i, pos, targets].sum(),
+                               rtol=1e-5)
+    assert got["tokens"][i] == k
+    assert got["hits"][i] == (logp[i, pos].argmax(-1) == targets).sum()
+  with pytest.raises(ValueError, match="raise config.caption_len"):
+    sequences.caption(tok, prompts, num_images=1, tokens_per_image=tpi,
+                      caption_len=4)
+
+
 # ---------------------------------------------------------------- readout
 
 

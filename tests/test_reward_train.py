@@ -105,3 +105,29 @@ def test_paradigms_cot_and_video_step_and_score(shapes_tiny, arg):
       state["params"], q, batch["chosen"], batch["rejected"])
   out = rm_eval.metrics(config.paradigm, scores, batch["failure"])
   assert 0 <= out["acc"] <= 1 and out["n"] == 2
+
+
+def test_caption_pretraining_starts_a_reward_model(shapes_tiny, tmp_path):
+  """paradigm=caption trains the VLM on the prompts (held-out caption loss
+  far below the first step's); init_from starts a reward model from
+  exactly its params (lr 0: they stay put) and refuses another rm.model,
+  naming the difference."""
+  pre = _config(shapes_tiny, "smoke,paradigm=caption", eval_every=100,
+                ckpt_every=20, final_eval_pairs=16)
+  pre.train.steps = 20
+  vlm = str(tmp_path / "vlm")
+  out = train_rm.train_and_evaluate(pre, vlm)
+  assert out["caption_ce_id"] < 0.6 * out["first_loss"], out
+  assert "acc_id" not in out and 0 < out["caption_acc_ood"] <= 1
+  rm = _config(shapes_tiny, "smoke,paradigm=pointwise_generative",
+               init_from=vlm, final_eval_pairs=0)
+  rm.train.update(steps=2, lr=0.0)
+  train_rm.train_and_evaluate(rm, str(tmp_path / "rm"))
+  (_, want, _, _), (_, got, step, _) = (
+      eval_rm.load(d) for d in (vlm, str(tmp_path / "rm")))
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  bad = _config(shapes_tiny, "smoke", init_from=vlm)
+  bad.rm.model.text.num_layers = 3
+  with pytest.raises(ValueError, match=r"text\.num_layers: 2 vs 3"):
+    train_rm.train_and_evaluate(bad, str(tmp_path / "bad"))

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rd_jax.data import text, world
-from rd_jax.reward import model, sequences
+from rd_jax.reward import losses, model, sequences
 
 PARADIGMS = ("pairwise_generative", "pointwise_generative",
              "pointwise_regressive")
+# Not a reward: pretraining of the VLM (train_rm's paradigm="caption").
+CAPTION = "caption"
 
 
 # ---------------------------------------------------------------- sequences
@@ -111,8 +113,12 @@ def _logits_at(rm, params, q, embeds, pos):
 
 def score_pairs(config, params, question, chosen, rejected) -> dict:
   """Scores for a batch of pairs (jit with config static). Images uint8 or
-  float [B, (T,) H, W, 3]; question from `encode` (no answers)."""
+  float [B, (T,) H, W, 3]; question from `encode` (no answers); for
+  paradigm="caption", caption rows and `caption_scores` of the chosen
+  images."""
   rm = config.rm
+  if config.paradigm == CAPTION:
+    return caption_scores(rm, params, question, chosen)
   ch = model.per_sequence(rm, chosen)
   rej = model.per_sequence(rm, rejected)
   t = ch.shape[1]
@@ -137,6 +143,29 @@ def score_pairs(config, params, question, chosen, rejected) -> dict:
             "r_rejected": model.regressive_score(params, h_rej[:, 0])}
   raise ValueError(f"unknown paradigm {config.paradigm!r}; one of "
                    f"{PARADIGMS}")
+
+
+def caption_rows(config, tok, tokens_per_image: int, batch) -> dict:
+  """Caption rows (sequences.caption) of a data batch's prompts."""
+  return sequences.caption(
+      tok, [p.decode() for p in batch["prompt"]],
+      num_images=config.rm.get("frames") or 1,
+      tokens_per_image=tokens_per_image, caption_len=config.caption_len)
+
+
+def caption_scores(rm, params, cap: dict, images) -> dict:
+  """Per-row sums of the captioning LM loss over the real caption tokens:
+  `ce` (nats), `hits` (argmax = target) and `tokens` [B]. images: the
+  captioned (chosen) images [B, (T,) H, W, 3]."""
+  feats = model.embed_images(rm, params, model.per_sequence(rm, images))
+  pos = sequences.answer_positions(cap["read_pos"],
+                                   cap["answer_ids"].shape[1])
+  logits, _ = model.logits_and_hidden(rm, params, cap, feats, pos)
+  mask = cap["answer_mask"]
+  ce = losses.token_ce(logits, cap["answer_ids"])
+  hits = (jnp.argmax(logits, -1) == cap["answer_ids"]) & mask
+  return {"ce": jnp.sum(jnp.where(mask, ce, 0.0), 1),
+          "hits": jnp.sum(hits, 1), "tokens": jnp.sum(mask, 1)}
 
 
 # ---------------------------------------------------------------- metrics
@@ -191,7 +220,9 @@ def evaluate(config, params, tok, score_fn, tokens_per_image: int, *,
              split: str, kind: str | None = None, max_pairs: int = -1,
              batch_size: int = 64) -> dict:
   """Scores `split` (up to max_pairs; -1 = all) with the jitted
-  `score_fn(params, question, chosen, rejected)`; -> `metrics` dict.
+  `score_fn(params, question, chosen, rejected)`; -> `metrics` dict
+  (paradigm "caption": held-out caption_ce (nats per prompt token),
+  caption_acc (greedy next-token accuracy) and n).
 
   The last partial batch is padded (by repeating) to keep one compiled shape.
   """
@@ -200,6 +231,7 @@ def evaluate(config, params, tok, score_fn, tokens_per_image: int, *,
   data = pipeline.loader(config.data_dir, kind, split, batch_size=batch_size,
                          scale=config.scale, shuffle=False, num_epochs=1,
                          drop_remainder=False, shard_index=0, shard_count=1)
+  caption = config.paradigm == CAPTION
   scores, failures, seen = {}, [], 0
   for batch in data:
     n = len(batch["failure"])
@@ -207,7 +239,9 @@ def evaluate(config, params, tok, score_fn, tokens_per_image: int, *,
       break
     if max_pairs >= 0:
       n = min(n, max_pairs - seen)
-    q = encode(config, tok, tokens_per_image, questions_of(config, batch))
+    q = (caption_rows(config, tok, tokens_per_image, batch) if caption
+         else encode(config, tok, tokens_per_image,
+                     questions_of(config, batch)))
     pad = np.r_[np.arange(n), np.zeros(batch_size - n, int)]
     out = score_fn(params, {k: v[pad] for k, v in q.items()},
                    batch["chosen"][pad], batch["rejected"][pad])
@@ -216,6 +250,11 @@ def evaluate(config, params, tok, score_fn, tokens_per_image: int, *,
     failures.append(batch["failure"][:n])
     seen += n
   scores = {k: np.concatenate(v) for k, v in scores.items()}
+  if caption:
+    tokens = max(float(scores["tokens"].sum()), 1.0)
+    return {"caption_ce": float(scores["ce"].sum() / tokens),
+            "caption_acc": float(scores["hits"].sum() / tokens),
+            "n": int(len(scores["ce"]))}
   return metrics(config.paradigm, scores, np.concatenate(failures))
 
 

@@ -134,6 +134,37 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
   return out
 
 
+def caption(tok, prompts: list[str], *, num_images: int,
+            tokens_per_image: int, caption_len: int) -> dict[str, np.ndarray]:
+  """Captioning rows: the image block, then the assistant turn holding the
+  prompt itself (`<|im_start|>user\\n<img>...</img>\\n<|im_end|>\\n
+  <|im_start|>assistant\\n{prompt}`), the auxiliary LM target that ties every
+  prompt word to the pixels (config.caption_weight). Same arrays as
+  `encode` with answers (answer_* = the prompt's tokens), without
+  decision_index. A prompt over caption_len tokens is an error.
+  """
+  head = image_block(tok, num_images, tokens_per_image) + _ids(tok, ASSISTANT)
+  b, n = len(prompts), len(head)
+  out = {"input_ids": np.full((b, n + caption_len), tok.pad_token_id,
+                              np.int32),
+         "attention_mask": np.zeros((b, n + caption_len), bool),
+         "read_pos": np.full((b,), n - 1, np.int32),
+         "answer_ids": np.full((b, caption_len), tok.pad_token_id, np.int32),
+         "answer_mask": np.zeros((b, caption_len), bool)}
+  out["input_ids"][:, :n] = head
+  for i, ids in enumerate(tok(list(prompts), add_special_tokens=False)
+                          ["input_ids"]):
+    if len(ids) > caption_len:
+      raise ValueError(f"prompt of {len(ids)} tokens exceeds caption_len="
+                       f"{caption_len}: {prompts[i][:80]!r}; raise "
+                       "config.caption_len")
+    out["input_ids"][i, n:n + len(ids)] = ids
+    out["attention_mask"][i, :n + len(ids)] = True
+    out["answer_ids"][i, :len(ids)] = ids
+    out["answer_mask"][i, :len(ids)] = True
+  return out
+
+
 def answer_positions(read_pos, answer_len: int):
   """[B] -> [B, A]: the positions whose logits predict answer tokens 0..A-1."""
   return read_pos[:, None] + np.arange(answer_len, dtype=np.int32)[None]
