@@ -138,8 +138,9 @@ def caption(tok, prompts: list[str], *, num_images: int,
             tokens_per_image: int, caption_len: int) -> dict[str, np.ndarray]:
   """Captioning rows: the image block, then the assistant turn holding the
   prompt itself (`<|im_start|>user\\n<img>...</img>\\n<|im_end|>\\n
-  <|im_start|>assistant\\n{prompt}`), the auxiliary LM target that ties every
-  prompt word to the pixels (config.caption_weight). Same arrays as
+  <|im_start|>assistant\\n{prompt}`): the LM target of train_rm's
+  paradigm="caption" (VLM pretraining), every prompt word tied to the
+  pixels. Same arrays as
   `encode` with answers (answer_* = the prompt's tokens), without
   decision_index. A prompt over caption_len tokens is an error.
   """
