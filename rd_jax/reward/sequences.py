@@ -140,9 +140,9 @@ def caption(tok, prompts: list[str], *, num_images: int,
   prompt itself (`<|im_start|>user\\n<img>...</img>\\n<|im_end|>\\n
   <|im_start|>assistant\\n{prompt}`): the LM target of train_rm's
   paradigm="caption" (VLM pretraining), every prompt word tied to the
-  pixels. Same arrays as
-  `encode` with answers (answer_* = the prompt's tokens), without
-  decision_index. A prompt over caption_len tokens is an error.
+  pixels. Same arrays as `encode` with answers (answer_* = the prompt's
+  tokens), without decision_index. A prompt over caption_len tokens is an
+  error.
   """
   head = image_block(tok, num_images, tokens_per_image) + _ids(tok, ASSISTANT)
   b, n = len(prompts), len(head)
