@@ -72,21 +72,14 @@ def make_optimizer(tc) -> optax.GradientTransformation:
                      optax.adamw(lr, b2=tc.b2, weight_decay=tc.weight_decay))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict)
-               else {prefix + k: v})
-  return out
-
-
 def from_pretrained(config, state: dict, opt, mesh, rules) -> dict:
   """`state` with the params of config.init_from (a train_rm workdir, or
   its checkpoints/STEP) on the mesh, a fresh optimiser state and step 0."""
   from rd_jax import eval_rm  # pylint: disable=g-import-not-at-top
   src, params, step, _ = eval_rm.load(config.init_from, config.data_dir,
                                       mesh=mesh, rules=rules)
-  theirs, ours = (_flat(c.rm.model.to_dict()) for c in (src, config))
+  theirs, ours = (sharding.flat_paths(c.rm.model.to_dict())
+                  for c in (src, config))
   diff = [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in sorted(
       set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
   if diff:

@@ -129,5 +129,5 @@ def test_caption_pretraining_starts_a_reward_model(shapes_tiny, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got, want)
   bad = _config(shapes_tiny, "smoke", init_from=vlm)
   bad.rm.model.text.num_layers = 3
-  with pytest.raises(ValueError, match=r"text\.num_layers: 2 vs 3"):
+  with pytest.raises(ValueError, match="text/num_layers: 2 vs 3"):
     train_rm.train_and_evaluate(bad, str(tmp_path / "bad"))
