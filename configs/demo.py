@@ -34,6 +34,9 @@ Config keys:
   selfcheck.max_image  pairs per split checked for images
   selfcheck.max_video  pairs per split checked for videos
   seed                 global seed (copied into every stage)
+  fast_compile         compile with XLA:CPU's LLVM optimisations off
+                       (rd_jax/cli.py); on for :smoke, whose tiny models
+                       spend most of their time compiling
   generator.*, reward_model.*, verifier.*, refl.*, search.*   the stages'
                        job configs (their files document their keys), e.g.
                        --config.reward_model.train.steps=1600
@@ -51,6 +54,7 @@ def get_config(arg=None):
   smoke = "smoke" if arg.smoke else None
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.fast_compile = arg.smoke
   c.data_dir = ""
   c.data_scale = "tiny" if arg.smoke else "default"
   c.selfcheck = ml_collections.ConfigDict(

@@ -8,25 +8,26 @@ trainer command (tests/test_faults.py restarts one three times) loads its
 programs instead of compiling them again. Both change speed, and at most
 floating-point rounding: every comparison (bit-exact resumes, sharded vs one
 device, parity with torch) is between runs under the same flags or within
-the tests' tolerances. rm_runs must stay free of jax imports: it is imported
-here, before XLA_FLAGS is set.
+the tests' tolerances. jax reads the JAX_* variables when imported, XLA
+reads XLA_FLAGS when the first backend starts (rd_jax.cli.fast_compile).
 """
 import atexit
 import os
 import shutil
 import tempfile
 
-import rm_runs
-
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), *rm_runs.FAST_COMPILE]).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="rd_jax_tests_jit_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import rm_runs  # noqa: E402  (imports jax: after the JAX_* variables)
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), *rm_runs.FAST_COMPILE]).strip()
 
 import pytest  # noqa: E402
 

@@ -5,13 +5,11 @@ import os
 import subprocess
 import sys
 
+from rd_jax.cli import FAST_COMPILE  # the suite's XLA flags (conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
-
-# XLA:CPU compiles faster without its LLVM optimisations (conftest.py).
-FAST_COMPILE = ("--xla_backend_optimization_level=0",
-                "--xla_llvm_disable_expensive_passes=true")
 
 
 def env(devices: int | None = None, tpu_compile: bool = False,
