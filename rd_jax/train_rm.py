@@ -104,15 +104,16 @@ def init_state(config, rng: jax.Array) -> tuple[dict, optax.GradientTransformati
 # ---------------------------------------------------------------- augmentation
 
 
-def augment(aug, rng: jax.Array, chosen: jax.Array, rejected: jax.Array):
-  """uint8 pairs [B, (T,) H, W, 3] -> float [0, 1] pairs, same draw per pair.
+def augment(aug, rng: jax.Array, *images: jax.Array) -> tuple:
+  """uint8 [B, (T,) H, W, 3] arrays (a pair's chosen and rejected, or the
+  chosen alone) -> float [0, 1], the same draw for row i of each.
 
   Tint / brightness act on low-saturation (background-like) pixels only, so
   object colours stay put; zoom-in (prob zoom_prob, factor U[1, zoom])
   about the centre makes objects larger. Both aim at the OOD shift (tinted
   background, larger objects).
   """
-  x = jnp.stack([chosen, rejected], 1).astype(jnp.float32) / 255.0
+  x = jnp.stack(images, 1).astype(jnp.float32) / 255.0
   b, h, w = x.shape[0], x.shape[-3], x.shape[-2]
   k_tint, k_bright, k_zp, k_z = jax.random.split(rng, 4)
   lead = (b,) + (1,) * (x.ndim - 1)
@@ -137,7 +138,7 @@ def augment(aug, rng: jax.Array, chosen: jax.Array, rejected: jax.Array):
     return out.reshape(imgs.shape)
 
   x = jnp.clip(jax.vmap(zoom_pair)(x, zoom), 0.0, 1.0)
-  return x[:, 0], x[:, 1]
+  return tuple(x[:, i] for i in range(len(images)))
 
 
 # ---------------------------------------------------------------- train step
@@ -212,9 +213,13 @@ def row_major(x: jax.Array) -> jax.Array:
 
 def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
   """One update; state = {params, opt, step} (donated); batch: `chosen`,
-  `rejected` [B, ...] and the token arrays in pair_major layout."""
-  chosen, rejected = augment(config.augment, rng, batch["chosen"],
-                             batch["rejected"])
+  `rejected` [B, ...] (no `rejected` for paradigm caption) and the token
+  arrays in pair_major layout."""
+  if "rejected" in batch:
+    chosen, rejected = augment(config.augment, rng, batch["chosen"],
+                               batch["rejected"])
+  else:  # caption: the chosen images only
+    (chosen,), rejected = augment(config.augment, rng, batch["chosen"]), None
   seq = {k: row_major(v) for k, v in batch.items() if k not in PER_PAIR}
   (loss, aux), grads = jax.value_and_grad(
       functools.partial(loss_fn, config), has_aux=True)(
@@ -225,10 +230,11 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
 
 
 def device_batch(config, tok, tpi: int, batch) -> dict:
+  """A train batch's device arrays (caption: the chosen images only)."""
   if config.paradigm == rm_eval.CAPTION:
-    seq = {"caption": rm_eval.caption_rows(config, tok, tpi, batch)}
-  else:
-    seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
+    return {"caption": rm_eval.caption_rows(config, tok, tpi, batch),
+            "chosen": batch["chosen"]}
+  seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
   seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
   return seq
 

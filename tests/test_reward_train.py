@@ -107,6 +107,20 @@ def test_paradigms_cot_and_video_step_and_score(shapes_tiny, arg):
   assert 0 <= out["acc"] <= 1 and out["n"] == 2
 
 
+def test_augment_draws_per_row_not_per_image():
+  """The chosen images alone (paradigm caption) get exactly the
+  augmentation they get next to their rejected ones: one draw per row."""
+  aug = rm_shapes.get_config().augment
+  rng = np.random.default_rng(0)
+  chosen, rejected = (rng.integers(0, 256, (4, 64, 64, 3), np.uint8)
+                      for _ in range(2))
+  key = jax.random.key(1)
+  pair = train_rm.augment(aug, key, chosen, rejected)
+  (alone,) = train_rm.augment(aug, key, chosen)
+  np.testing.assert_array_equal(alone, pair[0])
+  assert np.abs(np.asarray(pair[0]) - chosen / 255.0).max() > 0.05
+
+
 def test_caption_pretraining_starts_a_reward_model(shapes_tiny, tmp_path):
   """paradigm=caption trains the VLM on the prompts (held-out caption loss
   far below the first step's); init_from starts a reward model from
