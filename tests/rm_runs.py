@@ -11,7 +11,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
 
-
 def env(devices: int | None = None, tpu_compile: bool = False,
         **extra: str) -> dict:
   """The environment of a test subprocess: CPU, this repo importable, the
