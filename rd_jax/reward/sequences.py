@@ -71,7 +71,8 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
            num_images: int, tokens_per_image: int, question_len: int,
            answer_len: int = 1, cot: str = "none",
            yes_no: tuple[int, int] | None = None, groups: int = 1,
-           noun: str = "image", overflow: str = "error"
+           noun: str = "image", overflow: str = "error",
+           decision: bool = True, answer_key: str = "answer_len"
            ) -> dict[str, np.ndarray]:
   """Questions (and, for training, answers) -> fixed-length arrays above.
 
@@ -81,7 +82,8 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
   groups=2 (pairwise) labels the two images / videos `{noun} 1: `, ....
   A question longer than question_len fails (overflow="error") or keeps
   its last question_len tokens, the question itself, with a warning
-  (overflow="truncate").
+  (overflow="truncate"). decision=False: answers need no yes/no token (no
+  decision_index); answer_key names answer_len's config key in errors.
   """
   if overflow not in ("error", "truncate"):
     raise ValueError(f"prompt overflow must be 'error' or 'truncate', got "
@@ -98,11 +100,12 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
   if answers is not None:
     if len(answers) != b:
       raise ValueError(f"{b} questions but {len(answers)} answers")
-    yes_no = yes_no or tokenizer_lib.answer_token_ids(tok)
+    if decision:
+      yes_no = yes_no or tokenizer_lib.answer_token_ids(tok)
+      out["decision_index"] = np.zeros((b,), np.int32)
     a_ids = tok(list(answers), add_special_tokens=False)["input_ids"]
     out["answer_ids"] = np.full((b, answer_len), tok.pad_token_id, np.int32)
     out["answer_mask"] = np.zeros((b, answer_len), bool)
-    out["decision_index"] = np.zeros((b,), np.int32)
   for i, q in enumerate(q_ids):
     if len(q) > question_len:
       msg = (f"question of {len(q)} tokens exceeds question_len="
@@ -120,12 +123,15 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
       a = a_ids[i]
       if len(a) > answer_len:
         raise ValueError(
-            f"answer of {len(a)} tokens exceeds answer_len={answer_len}: "
-            f"{answers[i][:80]!r}; raise config.answer_len")
-      hits = [j for j, t in enumerate(a) if t in yes_no]
-      if not hits:
-        raise ValueError(f"answer {answers[i]!r} has no yes/no token")
-      out["decision_index"][i] = hits[-1] if cot == "reason_first" else hits[0]
+            f"{answer_key.removesuffix('_len')} of {len(a)} tokens exceeds "
+            f"{answer_key}={answer_len}: {answers[i][:80]!r}; raise "
+            f"config.{answer_key}")
+      if decision:
+        hits = [j for j, t in enumerate(a) if t in yes_no]
+        if not hits:
+          raise ValueError(f"answer {answers[i]!r} has no yes/no token")
+        out["decision_index"][i] = (hits[-1] if cot == "reason_first"
+                                    else hits[0])
       out["input_ids"][i, n:n + len(a)] = a
       out["answer_ids"][i, :len(a)] = a
       out["answer_mask"][i, :len(a)] = True
@@ -140,30 +146,14 @@ def caption(tok, prompts: list[str], *, num_images: int,
   prompt itself (`<|im_start|>user\\n<img>...</img>\\n<|im_end|>\\n
   <|im_start|>assistant\\n{prompt}`): the LM target of train_rm's
   paradigm="caption" (VLM pretraining), every prompt word tied to the
-  pixels. Same arrays as `encode` with answers (answer_* = the prompt's
-  tokens), without decision_index. A prompt over caption_len tokens is an
-  error.
+  pixels. `encode` with an empty question and the prompts as answers
+  (answer_* = the prompt's tokens), without decision_index. A prompt over
+  caption_len tokens is an error.
   """
-  head = image_block(tok, num_images, tokens_per_image) + _ids(tok, ASSISTANT)
-  b, n = len(prompts), len(head)
-  out = {"input_ids": np.full((b, n + caption_len), tok.pad_token_id,
-                              np.int32),
-         "attention_mask": np.zeros((b, n + caption_len), bool),
-         "read_pos": np.full((b,), n - 1, np.int32),
-         "answer_ids": np.full((b, caption_len), tok.pad_token_id, np.int32),
-         "answer_mask": np.zeros((b, caption_len), bool)}
-  out["input_ids"][:, :n] = head
-  for i, ids in enumerate(tok(list(prompts), add_special_tokens=False)
-                          ["input_ids"]):
-    if len(ids) > caption_len:
-      raise ValueError(f"prompt of {len(ids)} tokens exceeds caption_len="
-                       f"{caption_len}: {prompts[i][:80]!r}; raise "
-                       "config.caption_len")
-    out["input_ids"][i, n:n + len(ids)] = ids
-    out["attention_mask"][i, :n + len(ids)] = True
-    out["answer_ids"][i, :len(ids)] = ids
-    out["answer_mask"][i, :len(ids)] = True
-  return out
+  return encode(tok, [""] * len(prompts), prompts, num_images=num_images,
+                tokens_per_image=tokens_per_image, question_len=0,
+                answer_len=caption_len, decision=False,
+                answer_key="caption_len")
 
 
 def answer_positions(read_pos, answer_len: int):
