@@ -314,11 +314,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     m = rm_eval.evaluate(config, state["params"], tok, score_fn, tpi,
                          split="test_id", max_pairs=config.eval_pairs,
                          batch_size=config.eval_batch)
+    n = m["n"]
     m = {k: m[k] for k in ("acc", "ece", "caption_ce", "caption_acc")
          if k in m}
     writer.write_scalars(step, {f"eval/{k}_id": v for k, v in m.items()})
-    logging.info("step %d eval (test_id, %d pairs): %s", step,
-                 config.eval_pairs,
+    logging.info("step %d eval (test_id, %d pairs): %s", step, n,
                  "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
 
   def make_batch(raw: dict) -> dict:
