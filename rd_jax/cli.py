@@ -37,20 +37,26 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0",
                 "--xla_llvm_disable_expensive_passes=true")
 
 
+def add_fast_compile_flags() -> str:
+  """Appends FAST_COMPILE (those not there yet) to the XLA_FLAGS variable,
+  which XLA reads once, when the first backend starts; -> the new value.
+  The test suite calls it (tests/conftest.py), as does `fast_compile`."""
+  flags_now = os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = " ".join(
+      flags_now + [f for f in FAST_COMPILE if f not in flags_now])
+  return os.environ["XLA_FLAGS"]
+
+
 def fast_compile(config) -> None:
-  """Adds FAST_COMPILE to XLA_FLAGS if `config.fast_compile` is set. XLA
-  reads its flags once, when the first backend starts: call this before
-  any computation."""
+  """add_fast_compile_flags() if `config.fast_compile` is set; call it
+  before any computation (it warns and does nothing after)."""
   if not config.get("fast_compile", False):
     return
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if xla_bridge.backends_are_initialized():
     logging.warning("fast_compile ignored: a JAX backend already started")
     return
-  flags_now = os.environ.get("XLA_FLAGS", "").split()
-  os.environ["XLA_FLAGS"] = " ".join(
-      flags_now + [f for f in FAST_COMPILE if f not in flags_now])
-  logging.info("fast_compile: XLA_FLAGS=%s", os.environ["XLA_FLAGS"])
+  logging.info("fast_compile: XLA_FLAGS=%s", add_fast_compile_flags())
 
 
 def run(main, required=("config", "workdir")) -> None:

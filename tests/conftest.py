@@ -25,9 +25,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import rm_runs  # noqa: E402  (imports jax: after the JAX_* variables)
+from rd_jax import cli  # noqa: E402
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), *rm_runs.FAST_COMPILE]).strip()
+cli.add_fast_compile_flags()
 
 import pytest  # noqa: E402
 
