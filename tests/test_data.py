@@ -150,6 +150,15 @@ def test_batches_carry_tokenized_prompts(shapes_tiny):
     assert tok.decode(ids[mask]) == prompt.decode()
   specs = pipeline.specs_of(batch)
   assert [world.prompt(s) for s in specs] == [p.decode() for p in batch["prompt"]]
+  # Two epochs: every prompt is seen again, from the loader's prompt cache.
+  seen = []
+  for b in pipeline.loader(shapes_tiny, "image", "train", batch_size=8,
+                           scale="tiny", num_epochs=2):
+    for ids, mask, prompt in zip(b["prompt_ids"], b["prompt_mask"],
+                                 b["prompt"]):
+      assert tok.decode(ids[mask]) == prompt.decode()
+      seen.append(prompt)
+  assert len(seen) == 240 and len(set(seen)) <= 120
 
 
 def test_yes_and_no_are_single_tokens_and_text_has_no_unknowns(shapes_tiny):

@@ -151,17 +151,28 @@ class _Readable(grain.transforms.Filter):
 class _Prepare(grain.transforms.Map):
   """Record -> numpy example with tokenized prompt."""
 
+  CACHE = 1 << 16  # prompts kept tokenized (ShapesWorld has far fewer)
+
   def __init__(self, tok_dir: str, max_len: int):
     self._tok_dir, self._max_len, self._tok = tok_dir, max_len, None
+    self._ids = {}
 
   def map(self, record):
     if self._tok is None:  # loaded lazily: cheap to pickle into workers
       self._tok = tokenizer.load(self._tok_dir)
     prompt = record["prompt"]
-    ids, mask = tokenizer.encode(self._tok, [prompt.decode()], self._max_len)
+    # Tokenizing costs ~1 ms a call, most of a small batch's loading time;
+    # prompts repeat, so each is tokenized once.
+    enc = self._ids.get(prompt)
+    if enc is None:
+      ids, mask = tokenizer.encode(self._tok, [prompt.decode()],
+                                   self._max_len)
+      enc = (ids[0], mask[0])
+      if len(self._ids) < self.CACHE:
+        self._ids[prompt] = enc
     return {
         "chosen": record["chosen"], "rejected": record["rejected"],
-        "prompt_ids": ids[0], "prompt_mask": mask[0],
+        "prompt_ids": enc[0].copy(), "prompt_mask": enc[1].copy(),
         "category": np.int32(record["category"]),
         "failure": np.int32(record["failure"]),
         "id": np.int64(record["id"]),
@@ -175,11 +186,15 @@ def loader(data_dir: str, kind: str = "image", split: str = "train", *,
            max_len: int = 24, shuffle: bool = True,
            num_epochs: int | None = None, drop_remainder: bool = True,
            shard_index: int | None = None, shard_count: int | None = None,
-           worker_count: int = 0, on_corrupt: str = "fail"
-           ) -> grain.DataLoader:
+           worker_count: int = 0, on_corrupt: str = "fail",
+           read_threads: int = 0) -> grain.DataLoader:
   """A deterministic grain DataLoader over one split (see module docstring).
 
   `num_epochs=None` repeats forever (training); evaluation passes 1.
+  `read_threads=0` reads records in the calling thread: for local files that
+  is ~2.7x faster than grain's default 16 threads and 500-record buffer,
+  whose GIL contention and buffer polling cost more than the reads (batch of
+  8 images: 5.3 vs 14.2 ms). Raise it for remote storage.
   Same arguments -> identical batches; `iter(...).get_state()` / `set_state`
   resume exactly.
   """
@@ -199,7 +214,10 @@ def loader(data_dir: str, kind: str = "image", split: str = "train", *,
       operations=[_Readable(), _Prepare(tokenizer_dir(data_dir), max_len),
                   grain.transforms.Batch(batch_size,
                                          drop_remainder=drop_remainder)],
-      worker_count=worker_count)
+      worker_count=worker_count,
+      read_options=grain.ReadOptions(
+          num_threads=read_threads,
+          prefetch_buffer_size=0 if read_threads == 0 else 500))
 
 
 def specs_of(batch) -> list[world.Spec]:
