@@ -73,6 +73,9 @@ def _stage(**kw) -> ml_collections.ConfigDict:
       eval_n=60, eval_batch=60, sample_steps=20, sample_shift=1.0,
       solver="euler", cfg_scale=3.0,
       guidance=None,       # FLUX.1-dev's distilled-guidance input (sampling)
+      # An earlier stage whose final EMA params start this one ("" = random
+      # init); the two stages' `model` must be equal (T2V from T2I).
+      init_from_stage="",
   )
   base.update(kw)
   return ml_collections.ConfigDict(base)

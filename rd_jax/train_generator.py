@@ -223,7 +223,33 @@ def save_grid(path: str, samples: np.ndarray, n: int) -> None:
 # ---------------------------------------------------------------- stages
 
 
-def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
+def check_init_from_stage(config, name: str) -> str | None:
+  """The stage whose final EMA params initialise stage `name`
+  (`<name>.init_from_stage`), checked: it runs earlier and has the same
+  model, or None."""
+  src = config[name].get("init_from_stage") or None
+  if src is None:
+    return None
+  stages = list(config.stages)
+  if src not in stages[:stages.index(name)]:
+    raise ValueError(f"{name}.init_from_stage={src!r} must name a stage that "
+                     f"runs before {name!r} in config.stages={tuple(stages)}")
+  a, b = (sharding.flat_paths(config[s].model.to_dict()) for s in (src, name))
+  if a != b:
+    diff = sorted(k.replace("/", ".") for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k))
+    raise ValueError(
+        f"{name}.init_from_stage={src!r} needs {name}.model equal to "
+        f"{src}.model; they differ in {', '.join(diff)}: set them alike, or "
+        f"--config.{name}.init_from_stage='' to start {name} from scratch")
+  return src
+
+
+def train_stage(config, name: str, tok, workdir: str, writer,
+                init_params=None) -> tuple[dict, object]:
+  """Trains and evaluates one stage -> (metrics, final EMA params).
+  `init_params` (another stage's EMA params, same model and mesh) replace
+  the random init; a resumed run restores its own checkpoint instead."""
   st = config[name]
   stage_dir = os.path.join(workdir, name)
   vocab = len(tok)
@@ -243,6 +269,11 @@ def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
 
   state, state_sh, mesh, rules = train_util.sharded_init(
       config, init, {"params": generator.logical_specs(st.model)})
+  if init_params is not None:
+    # Copies placed as this stage's state (the step donates its buffers).
+    put = lambda: jax.device_put(jax.tree.map(jnp.copy, init_params),  # noqa: E731
+                                 state_sh["params"])
+    state = dict(state, params=put(), ema=put())
   counts = generator.param_count(st.model)
   logging.info("%s generator: %s params", name, counts)
 
@@ -262,7 +293,7 @@ def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
         name=name)
   ckpt.close()
   if info["preempted"]:
-    return {"preempted": True}
+    return {"preempted": True}, None
 
   out = {f"final_loss_{name}": info["last_loss"],
          f"params_{name}": int(sum(counts.values())), "by_category": {}}
@@ -279,7 +310,7 @@ def train_stage(config, name: str, tok, workdir: str, writer) -> dict:
     save_grid(os.path.join(stage_dir, f"samples_{task}"), samples,
               config.num_grid)
     logging.info("%s oracle: %s", task, cats)
-  return out
+  return out, state["ema"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -296,7 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   for name in config.stages:
     if name not in ("image", "video"):
       raise ValueError(f"unknown stage {name!r}; use 'image' and/or 'video'")
-    out = train_stage(config, name, tok, workdir, writer)
+    check_init_from_stage(config, name)
+  ema = {}
+  for name in config.stages:
+    src = check_init_from_stage(config, name)
+    out, ema[name] = train_stage(config, name, tok, workdir, writer,
+                                 init_params=ema.get(src))
     if out.get("preempted"):
       return {"preempted": True}
     metrics["oracle_by_category"].update(out.pop("by_category"))

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from configs import generate_shapes, generator_shapes, rm_shapes
-from rd_jax import generate, train_generator, train_rm
-from rd_jax.data import world
+from rd_jax import generate, train_generator, train_rm, train_util
+from rd_jax.data import pipeline, tokenizer, world
 from rd_jax.generation import flow
 from rd_jax.models import generator
 
@@ -110,6 +110,65 @@ def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
   m2 = train_generator.train_and_evaluate(cfg, workdir)
   assert os.path.isdir(f"{workdir}/image/checkpoints/{cfg.image.steps}")
   assert np.isfinite(m2["final_loss_image"])
+
+
+def _stage_ema(workdir: str, cfg, name: str, step: int):
+  st = cfg[name]
+  opt = train_generator.make_optimizer(st)
+
+  def init():
+    params = generator.init(st.model, jax.random.key(0))
+    return {"params": params, "opt": opt.init(params), "ema": params,
+            "step": jnp.zeros((), jnp.int32)}
+
+  ckpt = train_util.Checkpointer(f"{workdir}/{name}/checkpoints")
+  state, _ = ckpt.restore(jax.eval_shape(init), step=step)
+  ckpt.close()
+  return state["ema"]
+
+
+def test_a_stage_starts_from_the_params_it_is_given(gen_smoke, tmp_path):
+  """train_stage(init_params=the image stage's EMA) starts there (0 steps:
+  its EMA is exactly them); without, from a fresh init."""
+  cfg, workdir, _ = gen_smoke
+  cfg = copy.deepcopy(cfg)
+  image = _stage_ema(workdir, cfg, "image", cfg.image.steps)
+  cfg.video.model = copy.deepcopy(cfg.image.model)
+  cfg.video.steps = 0
+  tok = tokenizer.load(pipeline.tokenizer_dir(cfg.data_dir))
+  writer = train_util.metric_writer(str(tmp_path))
+  gap = lambda a, b: max(float(jnp.abs(x - y).max())  # noqa: E731
+                         for x, y in zip(jax.tree.leaves(a),
+                                         jax.tree.leaves(b)))
+  _, ema = train_generator.train_stage(cfg, "video", tok, str(tmp_path / "a"),
+                                       writer, init_params=image)
+  assert gap(ema, image) == 0.0
+  # The fresh init is the one the 4-step image stage started from (same
+  # seed), so it differs from the image EMA by those 4 small updates.
+  _, ema = train_generator.train_stage(cfg, "video", tok, str(tmp_path / "b"),
+                                       writer)
+  assert gap(ema, image) > 1e-4, gap(ema, image)
+
+
+def test_init_from_stage_needs_an_earlier_stage_with_the_same_model():
+  cfg = generator_shapes.get_config("smoke")
+  assert train_generator.check_init_from_stage(cfg, "video") is None
+  cfg.video.model = copy.deepcopy(cfg.image.model)
+  cfg.video.init_from_stage = "image"
+  assert train_generator.check_init_from_stage(cfg, "video") == "image"
+  bad = copy.deepcopy(cfg)
+  bad.video.model.dit.patch_size = 4
+  with pytest.raises(ValueError, match=(
+      r"video.init_from_stage='image' needs video.model equal to "
+      r"image.model; they differ in dit.patch_size: set them alike, or "
+      r"--config.video.init_from_stage='' to start video from scratch")):
+    train_generator.check_init_from_stage(bad, "video")
+  bad = copy.deepcopy(cfg)
+  bad.stages = ("video", "image")
+  with pytest.raises(ValueError, match=(
+      r"video.init_from_stage='image' must name a stage that runs before "
+      r"'video' in config.stages=\('video', 'image'\)")):
+    train_generator.check_init_from_stage(bad, "video")
 
 
 def test_generate_counts_nfe_and_needs_a_pointwise_verifier_to_search(
