@@ -307,6 +307,12 @@ def train_stage(config, name: str, tok, workdir: str, writer,
     out["by_category"][task] = cats
     writer.write_scalars(st.steps, {f"oracle_{task}/{k}": v
                                     for k, v in cats.items()})
+    if task == "t2i":  # which attribute fails: count, shape or colour
+      attrs = oracle.attributes(samples, specs)
+      out["oracle_attributes_t2i"] = attrs
+      writer.write_scalars(st.steps, {f"oracle_t2i_attributes/{k}": v
+                                      for k, v in attrs.items()})
+      logging.info("t2i attributes: %s", attrs)
     save_grid(os.path.join(stage_dir, f"samples_{task}"), samples,
               config.num_grid)
     logging.info("%s oracle: %s", task, cats)

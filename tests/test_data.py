@@ -49,6 +49,34 @@ def test_oracle_is_robust_to_generator_like_blur_and_noise():
   assert np.mean(ok) >= 0.97
 
 
+def test_oracle_attributes_say_which_attribute_is_wrong():
+  rng = np.random.default_rng(6)
+  one = [world.Spec("colors", (world.Obj(sh, c),))
+         for sh in world.SHAPES for c in ("red", "blue", "green")]
+  imgs = [world.render(s, rng) for s in one]
+  assert oracle.attributes(imgs, one) == {
+      "count": 1.0, "shape": 1.0, "color": 1.0, "n_single": 9, "n_color": 9}
+  # The same renders judged against other colours, then other shapes.
+  recolor = [world.Spec("colors", (world.Obj(s.objects[0].shape, "yellow"),))
+             for s in one]
+  assert oracle.attributes(imgs, recolor) == {
+      "count": 1.0, "shape": 1.0, "color": 0.0, "n_single": 9, "n_color": 9}
+  reshape = [world.Spec("single_object", (world.Obj(
+      world.SHAPES[(world.SHAPES.index(s.objects[0].shape) + 1) % 3]),))
+             for s in one]
+  a = oracle.attributes(imgs, reshape)
+  assert (a["count"], a["shape"], a["n_single"], a["n_color"]) == (
+      1.0, 0.0, 9, 0) and np.isnan(a["color"])
+  # Two objects asked for, one drawn: count fails, no single-object rates.
+  two = [world.Spec("counting", (world.Obj(s.objects[0].shape, count=2),))
+         for s in one]
+  a = oracle.attributes(imgs, two)
+  assert (a["count"], a["n_single"]) == (0.0, 0) and np.isnan(a["shape"])
+  with pytest.raises(ValueError, match="attributes\\(\\) judges images"):
+    oracle.attributes([imgs[0]], [world.Spec("motion", (world.Obj(
+        "circle", "red", direction="left", speed="slowly"),))])
+
+
 def test_oracle_judges_position_and_motion_by_geometry():
   spec = world.Spec("position", (world.Obj("circle"), world.Obj("square")),
                     "left of")
