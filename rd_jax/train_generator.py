@@ -330,15 +330,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tok = prepare_data(config.data_dir, config.data_scale)
   t0 = time.time()
   metrics = {"oracle_by_category": {}}
+  sources = {}  # stage -> the stage it starts from (None: random init)
   for name in config.stages:
     if name not in ("image", "video"):
       raise ValueError(f"unknown stage {name!r}; use 'image' and/or 'video'")
-    check_init_from_stage(config, name)
-  ema = {}
+    sources[name] = check_init_from_stage(config, name)
+  ema = {}  # final EMA params of the stages another one starts from
   for name in config.stages:
-    src = check_init_from_stage(config, name)
-    out, ema[name] = train_stage(config, name, tok, workdir, writer,
-                                 init_params=ema.get(src))
+    out, params = train_stage(config, name, tok, workdir, writer,
+                              init_params=ema.get(sources[name]))
+    if name in sources.values():
+      ema[name] = params
     if out.get("preempted"):
       return {"preempted": True}
     metrics["oracle_by_category"].update(out.pop("by_category"))
