@@ -158,3 +158,30 @@ def test_flux_vae_layout_matches_diffusers_autoencoderkl():
   z = vae.encode(small, params, x)
   assert z.shape == (1, 4, 4, 4)
   assert vae.decode(small, params, z).shape == x.shape
+
+
+def test_sample_prediction_makes_the_network_output_the_x0_estimate():
+  cfg = tiny_cfg()
+  params = generator.init(cfg, jax.random.key(0))
+  params["dit"]["proj_out"]["kernel"] = 0.1 * jax.random.normal(
+      jax.random.key(1), params["dit"]["proj_out"]["kernel"].shape)
+  ids = jnp.array([[3, 4, 5], [6, 4, 7]], jnp.int32)
+  cond = generator.encode_text(cfg, params, ids, jnp.ones_like(ids))
+  r = cfg.dit.patch_size * 2
+  x = jax.random.normal(jax.random.key(3), (2, r, r, 3))
+  t = jnp.array([0.7, 0.01])  # the second below T_MIN
+  vcfg, xcfg = (ml_collections.ConfigDict(cfg.to_dict()) for _ in "vx")
+  vcfg.prediction, xcfg.prediction = "velocity", "sample"
+  raw = generator.velocity(vcfg, params, x, t, cond)  # the network output
+  v = generator.velocity(xcfg, params, x, t, cond)
+  # x̂0 = x_t − t·v is the network output where t >= T_MIN ...
+  np.testing.assert_allclose(flow.x0_from_v(x[:1], t[:1], v[:1]), raw[:1],
+                             atol=1e-5)
+  # ... and below it v = (x_t − x̂0) / T_MIN stays bounded.
+  np.testing.assert_allclose(v[1], (x[1] - raw[1]) / generator.T_MIN,
+                             rtol=1e-5, atol=1e-5)
+  xcfg.prediction = "noise"
+  with np.testing.assert_raises_regex(
+      ValueError, r"unknown model.prediction 'noise'; use one of "
+      r"\('velocity', 'sample'\)"):
+    generator.velocity(xcfg, params, x, t, cond)

@@ -65,11 +65,32 @@ def unconditional(cond: TextCond) -> TextCond:
                   jnp.zeros_like(cond.pooled))
 
 
+PREDICTIONS = ("velocity", "sample")
+# x-prediction: v = (x_t − x̂0) / max(t, T_MIN); the clip bounds the
+# loss weight 1/t² near t = 0 and the Heun step's evaluation at t = 0.
+T_MIN = 0.05
+
+
 def velocity(cfg, params: dict, x: jax.Array, t: jax.Array, cond: TextCond,
              guidance: jax.Array | None = None) -> jax.Array:
-  """v(x_t, t | text) for x [B, (T,) H, W, C] in model space."""
-  return mmdit.apply(cfg.dit, params["dit"], x, t, cond.txt, cond.txt_mask,
-                     cond.pooled, guidance)
+  """v(x_t, t | text) for x [B, (T,) H, W, C] in model space.
+
+  `cfg.prediction` says what the MMDiT's output is: 'velocity' (v = ε − x0,
+  Flux) or 'sample' (x̂0, converted here to v; JiT, Li & He 2025: a clean
+  image is easier to predict than noise when each token carries many
+  pixels, as in pixel space with large patches).
+  """
+  out = mmdit.apply(cfg.dit, params["dit"], x, t, cond.txt, cond.txt_mask,
+                    cond.pooled, guidance)
+  prediction = cfg.get("prediction", "velocity")
+  if prediction == "velocity":
+    return out
+  if prediction != "sample":
+    raise ValueError(f"unknown model.prediction {prediction!r}; use one of "
+                     f"{PREDICTIONS}")
+  tt = jnp.maximum(t.astype(x.dtype), T_MIN).reshape(
+      t.shape + (1,) * (x.ndim - 1))
+  return (x - out.astype(x.dtype)) / tt
 
 
 def velocity_fn(cfg, guidance: float | None = None):
