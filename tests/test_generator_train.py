@@ -19,7 +19,7 @@ from rd_jax.generation import flow
 from rd_jax.models import generator
 
 
-def _batch(kind: str, n: int, frames: int = 0):
+def _batch(kind: str, n: int, max_len: int, frames: int = 0):
   rng = np.random.default_rng(0)
   cats = world.IMAGE_CATEGORIES if kind == "image" else world.VIDEO_CATEGORIES
   specs = [world.sample_spec(rng, cats[i % len(cats)]) for i in range(n)]
@@ -27,7 +27,7 @@ def _batch(kind: str, n: int, frames: int = 0):
                      for s in specs])
   words = sorted({w for s in specs for w in world.prompt(s).split()})
   vocab = {w: i + 1 for i, w in enumerate(words)}
-  ids = np.zeros((n, 12), np.int32)
+  ids = np.zeros((n, max_len), np.int32)
   for i, s in enumerate(specs):
     toks = [vocab[w] for w in world.prompt(s).split()]
     ids[i, :len(toks)] = toks
@@ -50,7 +50,7 @@ def _eval_loss(st, params, batch):
 def test_short_training_run_lowers_the_flow_matching_loss():
   st = generator_shapes.get_config("smoke").image
   st.update(lr=3e-3, warmup_steps=1, steps=40, cond_drop=0.0)
-  batch = _batch("image", 8)
+  batch = _batch("image", 8, st.model.text.max_len)
   params = generator.init(st.model, jax.random.key(0))
   opt = train_generator.make_optimizer(st)
   state = {"params": params, "opt": opt.init(params),
@@ -144,7 +144,7 @@ def test_init_from_stage_needs_an_earlier_stage_with_the_same_model():
   cfg.video.init_from_stage = "image"
   assert train_generator.check_init_from_stage(cfg, "video") == "image"
   bad = copy.deepcopy(cfg)
-  bad.video.model.dit.patch_size = 4
+  bad.video.model.dit.patch_size = 2
   with pytest.raises(ValueError, match=(
       r"video.init_from_stage='image' needs video.model equal to "
       r"image.model; they differ in dit.patch_size: set them alike, or "
