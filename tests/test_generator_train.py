@@ -116,11 +116,13 @@ def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
 
 def test_a_stage_starts_from_the_params_it_is_given(gen_smoke, tmp_path):
   """train_stage(init_params=the image stage's EMA) starts there (0 steps:
-  its EMA is exactly them); without, from a fresh init."""
+  its EMA is exactly them); without, from a fresh init. The second stage
+  is a copy of the image stage: video prompts (13 tokens) do not fit the
+  image model's max_len of 8."""
   cfg, workdir, _ = gen_smoke
   cfg = copy.deepcopy(cfg)
   image = generate.load_generator(workdir, "image")[2]
-  cfg.video.model = copy.deepcopy(cfg.image.model)
+  cfg.video = copy.deepcopy(cfg.image)
   cfg.video.steps = 0
   tok = tokenizer.load(pipeline.tokenizer_dir(cfg.data_dir))
   writer = train_util.metric_writer(str(tmp_path))
