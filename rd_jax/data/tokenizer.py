@@ -8,11 +8,12 @@ rationales) plus InternVL's special tokens; "yes" and "no" are single tokens.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from rd_jax.data import text
 
@@ -52,6 +53,11 @@ def build(out_dir: str, corpus: list[str] | None = None
   return fast
 
 
+# tokenizer_class of a plain tokenizer.json (`build`'s; "TokenizersBackend"
+# in transformers 5).
+_PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load(path: str) -> PreTrainedTokenizerBase:
   """A tokenizer from a local directory (ShapesWorld's or any HF one)."""
   if not os.path.isdir(path):
@@ -59,6 +65,16 @@ def load(path: str) -> PreTrainedTokenizerBase:
         f"no tokenizer directory at {path!r}; build the ShapesWorld data "
         f"first (python -m rd_jax.data.build --data_dir=...) or point to a "
         f"Hugging Face tokenizer directory")
+  config = os.path.join(path, "tokenizer_config.json")
+  cls = None
+  if os.path.exists(config):
+    with open(config) as f:
+      cls = json.load(f).get("tokenizer_class")
+  if cls in _PLAIN_CLASSES:  # what `build` writes: no AutoTokenizer needed
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+  # AutoTokenizer's import costs 4.5 s (it imports torch when installed):
+  # paid only for other tokenizers (Hugging Face checkpoints).
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   return AutoTokenizer.from_pretrained(path, local_files_only=True,
                                        trust_remote_code=False)
 
