@@ -43,7 +43,7 @@ from rd_jax.models import generator
 
 def _data_modules():
   # Imported lazily so the model/sampler stay importable without the data
-  # stack (tensorflow, grain).
+  # stack (tensorflow_datasets, grain).
   from rd_jax.data import oracle, pipeline, tokenizer, world  # pylint: disable=g-import-not-at-top
   return oracle, pipeline, tokenizer, world
 

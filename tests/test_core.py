@@ -1,5 +1,6 @@
-"""Config argument parsing and the mesh / logical-axis rules."""
+"""Config argument parsing, the mesh / logical-axis rules, the metrics writer."""
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -37,3 +38,21 @@ def test_mesh_that_does_not_fit_the_devices_fails_clearly():
     sharding.make_mesh((3, n, 1))
   with pytest.raises(ValueError, match="at most one axis may be -1"):
     sharding.make_mesh((-1, -1, 1))
+
+
+def test_metric_writer_events_read_back_in_tensorboard(tmp_path):
+  """The trainers' event files (written without TensorFlow) are what
+  TensorBoard reads: every scalar at its step."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from rd_jax import train_util
+  assert train_util.crc32c(b"123456789") == 0xE3069283  # RFC 3720's check
+  w = train_util.MetricWriter(str(tmp_path))
+  w.write_scalars(3, {"train/loss": 1.5, "eval/acc": 0.25})
+  w.write_scalars(7, {"train/loss": np.float32(0.5)})
+  w.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert sorted(acc.Tags()["scalars"]) == ["eval/acc", "train/loss"]
+  assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+      (3, 1.5), (7, 0.5)]
+  assert [(e.step, e.value) for e in acc.Scalars("eval/acc")] == [(3, 0.25)]
