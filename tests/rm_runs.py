@@ -17,8 +17,10 @@ def env(devices: int | None = None, tpu_compile: bool = False,
   suite's XLA flags and compilation cache (conftest.py) plus `devices` fake
   CPU devices. `tpu_compile` (rd_jax.aot) drops both: a TPU program is
   compiled exactly as a user's would be, and not cached."""
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH"))
+                         if p)
   e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-           PYTHONPATH=ROOT, **extra)
+           PYTHONPATH=path, **extra)
   if tpu_compile:
     e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
                               if f not in FAST_COMPILE)

@@ -126,9 +126,10 @@ def test_hlo_flops_counts_every_loop_iteration():
 # ---------------------------------------------------------------- subprocesses
 
 
-@pytest.mark.parametrize("job", ["generator", "rm", "refl"])
+@pytest.mark.parametrize("job", ["generator", "rm",
+                                 pytest.param("refl", marks=pytest.mark.slow)])
 def test_sharded_step_matches_single_device(job):
-  """Meshes (8,1,1), (2,4,1), (2,2,2) vs one device: loss and updated params
+  """Meshes (8,1,1), (2,2,2) vs one device: loss and updated params
   within fp32 tolerance; every array (and ReFL's frozen RM) sharded as its
   logical names say. For refl also: generate's Best-of-N program on a
   data-parallel mesh has no cross-device collective (CFG's concatenated
@@ -138,8 +139,7 @@ def test_sharded_step_matches_single_device(job):
   if job == "refl":
     assert lines.pop() == {"best_of_n_collectives": []}
   meshes = [l for l in lines if l["mesh"] != "single"]
-  assert [tuple(l["mesh"]) for l in meshes] == [(8, 1, 1), (2, 4, 1),
-                                                (2, 2, 2)]
+  assert [tuple(l["mesh"]) for l in meshes] == [(8, 1, 1), (2, 2, 2)]
   for l in meshes:
     assert l["loss_diff"] < 1e-5 and l["max_param_diff"] < 1e-4, l
   print(f"{job}: {secs:.0f} s")
@@ -178,6 +178,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
   assert single["restore_max_diff"] < 2e-4
 
 
+@pytest.mark.slow
 def test_rm_trainer_runs_as_two_processes_and_resumes_in_one(shapes_tiny,
                                                              tmp_path):
   """`python -m rd_jax.train_rm` itself as 2 gloo processes of 1 CPU device
@@ -192,7 +193,8 @@ def test_rm_trainer_runs_as_two_processes_and_resumes_in_one(shapes_tiny,
   for i, log in enumerate(logs):
     with open(log, "w") as f:  # a file, not a pipe: a full pipe deadlocks
       procs.append(rm_runs.start(
-          shapes_tiny, work, stdout=f, RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
+          shapes_tiny, work, "--config.ckpt_every=1000", stdout=f,
+          RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
           RD_JAX_NUM_PROCESSES="2", RD_JAX_PROCESS_ID=str(i)))
   for p in procs:
     p.wait(timeout=900)
@@ -209,6 +211,7 @@ def test_rm_trainer_runs_as_two_processes_and_resumes_in_one(shapes_tiny,
           "has 1): the model state resumes, the data order starts over") in out
 
 
+@pytest.mark.slow
 def test_aot_compiles_real_size_reward_model_for_v5p(tmp_path):
   """InternVL2.5-1B RM training step, FSDP over a v5p-8 (4 chips)."""
   out = tmp_path / "aot.json"
@@ -236,6 +239,7 @@ def test_multislice_mesh_puts_dcn_axes_across_slices():
   assert out == {"shape": [2, 8, 1], "data": [0, 1], "fsdp": [0]}
 
 
+@pytest.mark.slow
 def test_rm_trainer_on_8_devices_matches_one(shapes_tiny, rm_reference,
                                              tmp_path):
   """`python -m rd_jax.train_rm` itself on a (2, 2, 2) mesh of 8 fake
@@ -243,7 +247,7 @@ def test_rm_trainer_on_8_devices_matches_one(shapes_tiny, rm_reference,
   later steps drift chaotically (reduction order, clipped Adam at lr 3e-3:
   measured <= 0.0024 absolute, 0.17 % relative, over 24 steps)."""
   out = rm_runs.run(shapes_tiny, str(tmp_path), "--config.mesh.shape=2,2,2",
-                    devices=8)
+                    "--config.ckpt_every=1000", devices=8)
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in out
   got, want = rm_runs.losses(str(tmp_path)), rm_runs.losses(rm_reference)
   assert [r["step"] for r in got] == [r["step"] for r in want]
