@@ -32,9 +32,11 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename): readers never see half."""
+  """Writes JSON atomically (temp file + rename): readers never see half.
+  The temp file is the writer's own: processes of one multi-host run that
+  write the same file (final_metrics.json) each rename a complete copy."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
   os.replace(tmp, path)
