@@ -32,22 +32,24 @@ def env(devices: int | None = None, tpu_compile: bool = False,
 
 
 def start(data_dir: str, workdir: str, *extra: str, devices: int = 1,
-          stdout=subprocess.PIPE, **env_extra: str):
+          ckpt_every: int = 1, stdout=subprocess.PIPE, **env_extra: str):
   """Starts the trainer (smoke config, STEPS steps, a checkpoint every
-  step, no final evaluation); returns the Popen (stdout + stderr as text on
-  .stdout, or into the file `stdout`: processes that wait on each other must
-  not block on a full pipe); `env_extra` adds environment variables."""
+  `ckpt_every` steps and at the end, no final evaluation); returns the
+  Popen (stdout + stderr as text on .stdout, or into the file `stdout`:
+  processes that wait on each other must not block on a full pipe);
+  `env_extra` adds environment variables."""
   cmd = [sys.executable, "-m", "rd_jax.train_rm",
          "--config=configs/rm_shapes.py:smoke",
          f"--config.data_dir={data_dir}", f"--workdir={workdir}",
-         f"--config.train.steps={STEPS}", "--config.ckpt_every=1",
+         f"--config.train.steps={STEPS}", f"--config.ckpt_every={ckpt_every}",
          "--config.eval_every=1000", "--config.final_eval_pairs=0", *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=env(devices, **env_extra),
                           stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
-def run(data_dir: str, workdir: str, *extra: str, devices: int = 1) -> str:
-  p = start(data_dir, workdir, *extra, devices=devices)
+def run(data_dir: str, workdir: str, *extra: str, devices: int = 1,
+        ckpt_every: int = 1) -> str:
+  p = start(data_dir, workdir, *extra, devices=devices, ckpt_every=ckpt_every)
   out = p.communicate()[0]
   assert p.returncode == 0, out
   return out

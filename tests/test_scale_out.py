@@ -193,7 +193,7 @@ def test_rm_trainer_runs_as_two_processes_and_resumes_in_one(shapes_tiny,
   for i, log in enumerate(logs):
     with open(log, "w") as f:  # a file, not a pipe: a full pipe deadlocks
       procs.append(rm_runs.start(
-          shapes_tiny, work, "--config.ckpt_every=1000", stdout=f,
+          shapes_tiny, work, ckpt_every=rm_runs.STEPS, stdout=f,
           RD_JAX_COORDINATOR=f"127.0.0.1:{port}",
           RD_JAX_NUM_PROCESSES="2", RD_JAX_PROCESS_ID=str(i)))
   for p in procs:
@@ -247,7 +247,7 @@ def test_rm_trainer_on_8_devices_matches_one(shapes_tiny, rm_reference,
   later steps drift chaotically (reduction order, clipped Adam at lr 3e-3:
   measured <= 0.0024 absolute, 0.17 % relative, over 24 steps)."""
   out = rm_runs.run(shapes_tiny, str(tmp_path), "--config.mesh.shape=2,2,2",
-                    "--config.ckpt_every=1000", devices=8)
+                    devices=8, ckpt_every=rm_runs.STEPS)
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in out
   got, want = rm_runs.losses(str(tmp_path)), rm_runs.losses(rm_reference)
   assert [r["step"] for r in got] == [r["step"] for r in want]
