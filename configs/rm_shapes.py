@@ -67,7 +67,8 @@ def shapes_model(size: str, image_size: int = 64, patch_size: int = 8,
                   num_heads=th, num_kv_heads=tkv, head_dim=tw // th,
                   mlp_dim=4 * tw, max_position_embeddings=4096,
                   rope_theta=1e4),
-      image_token_id=6)  # ShapesWorld tokenizer's <IMG_CONTEXT>
+      image_token_id=6,  # ShapesWorld tokenizer's <IMG_CONTEXT>
+      scan_unroll=max(vl, tl))  # unrolled stacks: faster CPU steps
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -42,19 +42,21 @@ def test_right_padding_does_not_change_real_positions(tiny):
   np.testing.assert_allclose(out[:, :ids.shape[1]], ref, atol=1e-5)
 
 
-def test_remat_policies_and_mesh_give_same_logits(tiny):
+def test_remat_policies_unroll_and_mesh_give_same_logits(tiny):
   cfg, params, ids, pixels = tiny
-  def value_and_grad(remat):
+  assert cfg.vision.num_layers > 1 and cfg.text.num_layers > 1
+  def value_and_grad(remat, unroll=1):
     c = cfg.copy_and_resolve_references()
-    c.remat = remat
+    c.remat, c.scan_unroll = remat, unroll
     loss = lambda p: jnp.square(internvl.forward(c, p, ids, pixels)).mean()
     return jax.jit(jax.value_and_grad(loss))(params)
 
   ref_value, ref_grads = value_and_grad("none")
-  value, grads = value_and_grad("full")
-  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-4)
+  for remat, unroll in (("full", 1), ("none", 2), ("none", 8)):
+    value, grads = value_and_grad(remat, unroll)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-4)
   ref = jax.jit(lambda p: internvl.forward(cfg, p, ids, pixels))(params)
   mesh = sharding.make_mesh((-1, 1, 1))
   shardings = sharding.mesh_shardings(params, mesh)

@@ -36,6 +36,10 @@ cfg (ml_collections, built by configs/internvl.py or the converter) keys:
   projector_norm_eps    LayerNorm eps of the projector (torch default 1e-5)
   dtype, param_dtype    compute / parameter dtypes ('float32', 'bfloat16')
   remat                 'none' | 'full' | 'dots' | 'dots_no_batch'
+  scan_unroll           layers per loop iteration of both layer stacks
+                        (lax.scan's unroll): 1 = a rolled loop (default),
+                        >= num_layers = unrolled (faster CPU steps for the
+                        tiny ShapesWorld models; same params and values)
 
 Einsum letters: B batch, P pixel-shuffle output tokens / read positions,
 C 4x vision width, D LLM width, V vocabulary.
@@ -87,7 +91,7 @@ def model_config(vision: ml_collections.ConfigDict,
               image_token_id=151667, vision_feature_layer=-1,
               vision_feature_select_strategy="default",
               projector_norm_eps=1e-5, dtype="float32",
-              param_dtype="float32", remat="none")
+              param_dtype="float32", remat="none", scan_unroll=1)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -151,13 +155,15 @@ class InternVL(nnx.Module):
     self.ratio = cfg.downsample_ratio
     self.feature_layer = cfg.vision_feature_layer
     self.image_token_id = cfg.image_token_id
-    self.vision = vit.InternViT(cfg.vision, dtype, pdtype, cfg.remat, rngs)
+    unroll = cfg.get("scan_unroll", 1)
+    self.vision = vit.InternViT(cfg.vision, dtype, pdtype, cfg.remat, rngs,
+                                unroll)
     f = int(round(1 / cfg.downsample_ratio))
     self.projector = Projector(cfg.vision.hidden_size * f * f,
                                cfg.text.hidden_size, cfg.projector_norm_eps,
                                dtype, pdtype, rngs)
     self.language_model = llm.Decoder(cfg.text, dtype, pdtype, cfg.remat,
-                                      rngs)
+                                      rngs, unroll)
 
   def image_features(self, pixel_values: jax.Array) -> jax.Array:
     """[N, C, H, W] -> [N, P, D]; per-sample [B, I, C, H, W] -> [B, I, P, D]

@@ -81,12 +81,17 @@ def remat_policy(name: str):
   return policies[name]
 
 
-def scan_layers(body, carry, stacked: nnx.Module, policy: str):
+def scan_layers(body, carry, stacked: nnx.Module, policy: str,
+                unroll: int = 1):
   """Runs `carry = body(layer, carry)` over a layer stack with lax.scan.
 
   `stacked` was built with nnx.vmap (leading `layers` axis on every param);
   each scan step merges one layer's slice back into a module, so the
   compiled program holds one copy of the block regardless of depth.
+  `unroll` is lax.scan's (layers per loop iteration): 1 keeps that rolled
+  loop (real sizes: compile time and program size flat in depth); the
+  stack's depth unrolls it, which spares a tiny model on CPU the loop's
+  per-layer buffer copies (configs/rm_shapes.py).
   """
   graphdef, state = nnx.split(stacked)
 
@@ -95,5 +100,5 @@ def scan_layers(body, carry, stacked: nnx.Module, policy: str):
 
   step = jax.checkpoint(step, policy=remat_policy(policy), prevent_cse=False)
 
-  carry, _ = jax.lax.scan(step, carry, state)
+  carry, _ = jax.lax.scan(step, carry, state, unroll=unroll)
   return carry

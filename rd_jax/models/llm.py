@@ -211,11 +211,12 @@ class Decoder(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype,
-               remat: str, rngs: nnx.Rngs):
+               remat: str, rngs: nnx.Rngs, unroll: int = 1):
     self.cfg_rope = ml_collections.FrozenConfigDict({
         k: cfg[k] for k in ("head_dim", "rope_theta", "rope_type",
                             "rope_factor", "max_position_embeddings")})
     self.dtype, self.remat, self.eps = dtype, remat, cfg.norm_eps
+    self.unroll = unroll
     self.tie_embeddings = cfg.tie_embeddings
     d, v = cfg.hidden_size, cfg.vocab_size
     self.embed = sharding.param(normal(rngs, (v, d), param_dtype),
@@ -256,7 +257,7 @@ class Decoder(nnx.Module):
     x = sharding.shard_activation(embeds.astype(self.dtype),
                                   ("act_batch", "act_len", "act_embed"))
     x = scan_layers(lambda layer, h: layer(h, cos, sin, mask), x,
-                    self.layers, self.remat)
+                    self.layers, self.remat, self.unroll)
     return rms_norm(x, self.final_norm[...], self.eps)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

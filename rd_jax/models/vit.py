@@ -162,10 +162,11 @@ class InternViT(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, dtype, param_dtype,
-               remat: str, rngs: nnx.Rngs):
+               remat: str, rngs: nnx.Rngs, unroll: int = 1):
     d, p, c, pd = cfg.hidden_size, cfg.patch_size, cfg.num_channels, param_dtype
     grid = cfg.image_size // p
     self.dtype, self.remat, self.patch = dtype, remat, p
+    self.unroll = unroll
     self.num_layers = cfg.num_layers
     self.patch_kernel = sharding.param(normal(rngs, (c, p, p, d), pd),
                                        ("channels", "patch", "patch", "embed"))
@@ -204,11 +205,13 @@ class InternViT(nnx.Module):
     x = x + resize_position_embeddings(self.pos[...], gy, gx).astype(dt)
     x = sharding.shard_activation(x, ("act_batch", "act_len", "act_embed"))
     if feature_layer == -1:
-      x = scan_layers(lambda layer, h: layer(h), x, self.layers, self.remat)
+      x = scan_layers(lambda layer, h: layer(h), x, self.layers, self.remat,
+                      self.unroll)
       return self.final_norm(x) if hasattr(self, "final_norm") else x
     depth = feature_layer % (self.num_layers + 1)
     if depth == 0:
       return x
     graphdef, state = nnx.split(self.layers)
     first = nnx.merge(graphdef, jax.tree.map(lambda a: a[:depth], state))
-    return scan_layers(lambda layer, h: layer(h), x, first, self.remat)
+    return scan_layers(lambda layer, h: layer(h), x, first, self.remat,
+                       self.unroll)
