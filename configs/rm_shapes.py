@@ -7,7 +7,8 @@ r"""RewardDance reward models on ShapesWorld (and the real InternVL2.5 ladder).
 Default: size=xs, pairwise generative, task instructions, no CoT, 1600
 steps of 16 pairs (both orders), lr 1e-3. Target (issue 4): acc_id >= 0.90
 and acc_ood >= 0.80 within 10 minutes on 2 CPU cores -- NOT reached yet:
-measured acc_id 0.725, acc_ood 0.691 (1394 s on 2 shared cores) with
+measured acc_id 0.725, acc_ood 0.691 (1394 s on 2 shared cores; 0.729 /
+0.688 in 477 s alone, with the unrolled layer stacks) with
 
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
       --config.data_dir=/tmp/rd_rm_data --workdir=/tmp/rm_default
