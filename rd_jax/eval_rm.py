@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from rd_jax import sharding, train_rm, train_util
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
+from rd_jax.reward import model as rm_model
 
 FLAGS = flags.FLAGS
 
@@ -52,10 +53,11 @@ def load(checkpoint: str, data_dir: str | None = None, mesh=None,
   if data_dir:
     config.data_dir = data_dir
   tok = train_rm.load_tokenizer(config)
-  abstract = jax.eval_shape(
-      lambda: train_rm.init_state(config, jax.random.key(0))[0])
+  # The params only: the optimiser moments stay on disk.
+  abstract = {"params": jax.eval_shape(
+      lambda: rm_model.init(config.rm, jax.random.key(0)))}
   ckpt = train_util.Checkpointer(os.path.join(path, "checkpoints"))
-  state, step = ckpt.restore(abstract, step=step)
+  state, step = ckpt.restore(abstract, step=step, partial=True)
   ckpt.close()
   params = state["params"]
   if mesh is not None:

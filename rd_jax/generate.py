@@ -58,22 +58,17 @@ def load_generator(workdir: str, stage: str):
   hint = "--config.generator must be a train_generator or refl --workdir"
   config = train_util.load_config(workdir, hint)
   if "refl" in config:  # a ReFL workdir: its SFT generator's architecture
-    from rd_jax import refl  # pylint: disable=g-import-not-at-top
-    stage, opt = config.stage, refl.make_optimizer(config.train)
+    stage = config.stage
     ckpt_dir = os.path.join(workdir, "checkpoints")
     config = train_util.load_config(config.generator, hint)
   else:
-    opt = train_generator.make_optimizer(config[stage])
     ckpt_dir = os.path.join(workdir, stage, "checkpoints")
   st = config[stage]
-
-  def init():
-    params = generator.init(st.model, jax.random.key(0))
-    return {"params": params, "opt": opt.init(params), "ema": params,
-            "step": jnp.zeros((), jnp.int32)}
-
+  # The EMA params only: raw params and optimiser moments stay on disk.
+  abstract = {"ema": jax.eval_shape(
+      lambda: generator.init(st.model, jax.random.key(0)))}
   ckpt = train_util.Checkpointer(ckpt_dir)
-  state, step = ckpt.restore(jax.eval_shape(init))
+  state, step = ckpt.restore(abstract, partial=True)
   ckpt.close()
   logging.info("generator %s (%s): step %d", workdir, stage, step)
   return config, st, state["ema"]

@@ -133,12 +133,34 @@ class Checkpointer:
                              force=force)
 
   def restore(self, abstract_state: Any, data_iter: Any = None,
-              step: int | None = None) -> tuple[Any, int]:
-    """(state, step) from `step` (default: latest)."""
+              step: int | None = None, partial: bool = False
+              ) -> tuple[Any, int]:
+    """(state, step) from `step` (default: latest).
+
+    partial=True restores only the parts `abstract_state` names (e.g.
+    {"params": ...} of a {params, opt, step} checkpoint) and reads nothing
+    else: loading a model to evaluate or to start from leaves the
+    optimiser moments (2x the params in f32 for AdamW) on disk.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    self.check_shapes(abstract_state, step)
+    self.check_shapes(abstract_state, step, partial)
+    if partial:
+      if data_iter is not None:
+        raise ValueError("a partial restore cannot resume a data iterator")
+      args = ocp.args.PyTreeRestore(
+          abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(
+              abstract_state))
+      # Straight from the step's directory, not through the manager (whose
+      # handler for "state" stays the one save and full restores use).
+      with ocp.PyTreeCheckpointer() as c:
+        state = self._restoring(step, lambda: c.restore(
+            os.path.join(self.directory, str(step), "state"), args=args))
+      # Leaves without a sharding come back as numpy arrays.
+      return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(
+          x, np.ndarray) else x, state), step
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None and self._has_data_state(step):
       import grain  # pylint: disable=g-import-not-at-top
@@ -148,14 +170,18 @@ class Checkpointer:
           "checkpoint %s/%d holds the data position of another number of "
           "processes (this run has %d): the model state resumes, the data "
           "order starts over", self.directory, step, jax.process_count())
+    out = self._restoring(step, lambda: self.manager.restore(
+        step, args=ocp.args.Composite(**items)))
+    return out["state"], step
+
+  def _restoring(self, step: int, fn: Callable[[], Any]) -> Any:
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+      return fn()
     except (ValueError, KeyError) as e:
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not match this config "
           f"({e}); use a fresh --workdir or the config it was trained "
           f"with") from e
-    return out["state"], step
 
   def _has_data_state(self, step: int) -> bool:
     """Whether `step` saved a data position for this process count (grain
@@ -164,8 +190,10 @@ class Checkpointer:
     return os.path.exists(os.path.join(self.directory, str(step), "data",
                                        name))
 
-  def check_shapes(self, abstract_state: Any, step: int) -> None:
-    """Fails naming the first tensors whose shape (or presence) differs."""
+  def check_shapes(self, abstract_state: Any, step: int,
+                   partial: bool = False) -> None:
+    """Fails naming the first tensors whose shape (or presence) differs
+    (partial: tensors the checkpoint has beyond abstract_state are fine)."""
     from rd_jax import sharding  # pylint: disable=g-import-not-at-top
     with ocp.StandardCheckpointer() as c:
       found = sharding.flat_paths(c.metadata(os.path.join(
@@ -176,8 +204,9 @@ class Checkpointer:
            f"{shape(found[k]) if k in found else 'nothing'}"
            for k in want if k not in found or shape(found[k]) != shape(
                want[k])]
-    bad += [f"{k}: not in this config, found {shape(found[k])}"
-            for k in found if k not in want]
+    bad += [] if partial else [
+        f"{k}: not in this config, found {shape(found[k])}"
+        for k in found if k not in want]
     if bad:
       more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
       raise ValueError(

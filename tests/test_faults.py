@@ -302,6 +302,39 @@ def test_checkpoint_that_does_not_match_the_config(tmp_path):
   ckpt.close()
 
 
+def test_partial_restore_reads_only_the_parts_named(tmp_path):
+  """Loading a model to evaluate or to start from (eval_rm.load,
+  generate.load_generator) restores its params alone, not the optimiser
+  moments saved beside them; the shapes it restores are still checked."""
+  ckpt = train_util.Checkpointer(str(tmp_path / "ckpt"))
+  params = {"embed": jnp.arange(12.0).reshape(3, 4), "head": jnp.ones(3)}
+  ckpt.save(7, {"params": params, "opt": {"mu": jnp.full((3, 4), 2.0)},
+                "step": jnp.int32(7)}, force=True)
+  ckpt.wait()
+  want = jax.eval_shape(lambda: {"params": params})
+  state, step = ckpt.restore(want, partial=True)
+  assert step == 7 and set(state) == {"params"}
+  for k, v in params.items():
+    assert isinstance(state["params"][k], jax.Array)
+    np.testing.assert_array_equal(state["params"][k], v)
+  with pytest.raises(ValueError, match=r"opt/mu: not in this config, "
+                     r"found \(3, 4\)"):
+    ckpt.restore(want)  # a full restore must account for everything
+  bad = {"params": {"embed": jax.ShapeDtypeStruct((4, 4), jnp.float32)}}
+  with pytest.raises(ValueError, match=r"params/embed: expected \(4, 4\), "
+                     r"found \(3, 4\)"):
+    ckpt.restore(bad, partial=True)
+  # The same Checkpointer still saves and restores whole states after it.
+  ckpt.save(8, {"params": params, "opt": {"mu": jnp.zeros((3, 4))},
+                "step": jnp.int32(8)}, force=True)
+  ckpt.wait()
+  full, step = ckpt.restore(jax.eval_shape(lambda: {
+      "params": params, "opt": {"mu": jnp.zeros((3, 4))},
+      "step": jnp.int32(0)}))
+  assert step == 8 and int(full["step"]) == 8
+  ckpt.close()
+
+
 def test_prompt_longer_than_the_context(shapes_tiny, caplog):
   from rd_jax.data import tokenizer
   tok = tokenizer.load(pipeline.tokenizer_dir(shapes_tiny))
