@@ -49,6 +49,35 @@ def test_oracle_is_robust_to_generator_like_blur_and_noise():
   assert np.mean(ok) >= 0.97
 
 
+def test_oracle_rejects_objects_on_a_textured_background():
+  """ReFL once painted the right objects on a many-coloured checkerboard
+  (32x32 generator): its median colour is close to nothing in it, and the
+  objects were found and judged right. The background must be plain. (A
+  board of 1-px cells blurs into one colour at 64x64 and still passes.)"""
+  rng = np.random.default_rng(8)
+  ys, xs = np.indices((32, 32))
+  board = np.array([world.COLORS["red"], world.COLORS["green"]],
+                   np.float32)[(xs // 2 + ys // 2) % 2]
+  verdicts = []
+  for _ in range(20):
+    spec = world.sample_spec(rng, "single_object", "train")
+    img = world.render(spec, rng, size=32)
+    flat = (img == img[0, 0]).all(-1, keepdims=True)
+    textured = np.where(flat, board, img).astype(np.uint8)
+    assert oracle.score(img, spec)
+    verdicts.append(oracle.judge(textured, spec))
+  assert {ok for ok, _ in verdicts} == {False}
+  assert all(why.startswith("the background is not plain (") and
+             why.endswith("of pixels near its colour, needs 45%)")
+             for _, why in verdicts), verdicts[0]
+  assert oracle.detect(textured) == []
+  video = np.stack([textured] * 8)
+  motion = world.Spec("motion", (world.Obj("circle", "red", direction="left",
+                                           speed="slowly"),))
+  ok, why = oracle.judge(video, motion)
+  assert not ok and why.endswith(" in 8 frames"), why
+
+
 def test_oracle_attributes_say_which_attribute_is_wrong():
   rng = np.random.default_rng(6)
   one = [world.Spec("colors", (world.Obj(sh, c),))
