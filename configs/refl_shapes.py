@@ -24,7 +24,8 @@ Keys:
                        bottom (keep the worst k: the paper's ablation)
   train.*              steps, batch_size, lr, warmup_steps, grad_clip,
                        ema_decay, max_nonfinite
-  eval_every, eval_n   oracle on held-out prompts during training (EMA)
+  eval_every, eval_n   oracle on held-out prompts during training (EMA);
+                       oracle_curve = [[step, oracle]] from step 0 (SFT)
   final_eval_n         prompts for oracle_before / oracle_after
   diversity_prompts, diversity_seeds   diversity: mean pixel std across
                        seeds of one prompt

@@ -296,6 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  cats["overall"], config.eval_n)
 
   before, before_samples = oracle_eval(sft, config.final_eval_n)
+  # The oracle curve starts from SFT on its own eval_n prompts and noise.
+  start = (before if config.eval_n == config.final_eval_n else
+           oracle_eval(sft, config.eval_n)[0])
   div_before = float(div_fn(sft))
   train_generator.save_grid(os.path.join(workdir, "samples_before"),
                             before_samples, config.num_grid)
@@ -327,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "oracle_before": before["overall"], "oracle_after": after["overall"],
       "oracle_by_category_before": before,
       "oracle_by_category_after": after,
-      "oracle_curve": [[e["step"], e["oracle"]] for e in evals],
+      "oracle_curve": [[0, start["overall"]]] + [[e["step"], e["oracle"]]
+                                                 for e in evals],
       "reward_mean_curve": rewards,
       "reward_std_window_curve": window_std(rewards, config.std_window),
       "diversity_before": div_before,
@@ -355,8 +359,7 @@ def plot(metrics: dict, path: str) -> None:
   ax.set_xlabel("ReFL step")
   ax.set_ylabel("reward")
   ax2 = ax.twinx()
-  curve = np.asarray([[0, metrics["oracle_before"]]] +
-                     list(metrics["oracle_curve"]))
+  curve = np.asarray(metrics["oracle_curve"])
   ax2.plot(curve[:, 0], curve[:, 1], "ko-", label="oracle (held-out)")
   # From 0, so a change of one prompt does not fill the axis.
   ax2.set_ylim(0, max(0.2, 1.2 * curve[:, 1].max()))

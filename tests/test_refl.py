@@ -129,7 +129,11 @@ def test_refl_smoke_run_writes_its_diagnostics(demo_smoke, gen_smoke):
   np.testing.assert_allclose(m["reward_std_window_curve"],
                              [np.std(curve[max(0, i + 1 - w):i + 1])
                               for i in range(len(curve))], atol=1e-7)
-  assert [s for s, _ in m["oracle_curve"]] == [c.train.steps]
+  # From SFT (step 0) to the last step; with eval_n == final_eval_n these
+  # are the before/after evaluations themselves.
+  assert c.eval_n == c.final_eval_n
+  assert m["oracle_curve"] == [[0, m["oracle_before"]],
+                               [c.train.steps, m["oracle_after"]]]
   for key in ("oracle_before", "oracle_after", "diversity_before",
               "diversity_after"):
     assert 0.0 <= m[key] <= 1.0, (key, m[key])
