@@ -41,6 +41,7 @@ from __future__ import annotations
 import ml_collections
 
 from rd_jax.config_util import parse_arg
+from rd_jax.data import world
 from rd_jax.models.internvl import model_config, text_config, vision_config
 
 # (ViT width, layers, heads), (LLM width, layers, heads, kv_heads)
@@ -88,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.question_len = 72   # max question tokens
   c.prompt_overflow = "error"  # longer question: "error" or "truncate" (warns)
   c.on_corrupt = "fail"  # a corrupt data record: "fail" or "skip" (counted)
+  # Share of the training records kept per failure of the rejected sample
+  # (world.FAILURES; 1.0 = all): thin the near misses learnt early, e.g.
+  # --config.failure_keep.blur=0.25 (rd_jax/data/pipeline.py, "Thinning").
+  c.failure_keep = ml_collections.ConfigDict(
+      {f: 1.0 for f in world.FAILURES})
   c.answer_len = 1 if arg.cot == "none" else 32
   c.caption_len = 16    # max prompt tokens of a caption row (paradigm caption)
   c.init_from = ""      # a train_rm workdir whose params start this run

@@ -299,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                               batch_size=sharding.process_batch_size(
                                   tc.batch_size), seed=config.seed,
                               scale=config.scale,
-                              on_corrupt=config.on_corrupt))
+                              on_corrupt=config.on_corrupt,
+                              keep=config.failure_keep.to_dict()))
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.ckpt_every)
   if config.get("init_from") and ckpt.latest_step() is None:

@@ -186,6 +186,41 @@ def test_pipeline_is_deterministic_and_resumes(shapes_tiny):
     np.testing.assert_array_equal(x["chosen"], y["chosen"])
 
 
+def test_pipeline_thins_records_by_failure(shapes_tiny):
+  def ids_by_failure(seed, keep):
+    out = collections.defaultdict(set)
+    for b in pipeline.loader(shapes_tiny, "image", "train", batch_size=1,
+                             seed=seed, scale="tiny", num_epochs=1,
+                             keep=keep):
+      out[world.FAILURES[int(b["failure"][0])]].add(int(b["id"][0]))
+    return out
+  keep = {"blur": 0.0, "noise": 0.0, "smear": 0.0, "wrong_shape": 0.5}
+  full, thin = ids_by_failure(0, None), ids_by_failure(0, keep)
+  # The quality failures are gone, the unnamed failures all kept, and about
+  # half of the 29 wrong shapes kept (a uniform draw per record).
+  assert not {"blur", "noise", "smear"} & set(thin)
+  for f in set(full) - set(keep):
+    assert thin[f] == full[f], f
+  assert thin["wrong_shape"] < full["wrong_shape"]
+  assert 8 <= len(thin["wrong_shape"]) <= 21, len(thin["wrong_shape"])
+  # Deterministic for a seed, another draw for another seed.
+  assert ids_by_failure(0, keep) == thin
+  assert ids_by_failure(1, keep)["wrong_shape"] != thin["wrong_shape"]
+  # All ones: nothing thinned.
+  assert ids_by_failure(0, {f: 1.0 for f in world.FAILURES}) == full
+  with pytest.raises(ValueError, match=r"keep names unknown failures "
+                     r"\['wrong_size'\]; the failures are \['wrong_count'"):
+    pipeline.loader(shapes_tiny, "image", "train", batch_size=1, scale="tiny",
+                    keep={"wrong_size": 0.5})
+  with pytest.raises(ValueError, match=r"keep fractions must lie in \[0, 1\], "
+                     r"got \{'blur': 1.5\}"):
+    pipeline.loader(shapes_tiny, "image", "train", batch_size=1, scale="tiny",
+                    keep={"blur": 1.5})
+  with pytest.raises(ValueError, match="keep drops every failure"):
+    pipeline.loader(shapes_tiny, "image", "train", batch_size=1, scale="tiny",
+                    keep={f: 0.0 for f in world.FAILURES})
+
+
 def test_pipeline_shards_disjointly_by_process(shapes_tiny):
   ids = []
   for index in range(2):
