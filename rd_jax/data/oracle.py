@@ -196,9 +196,9 @@ def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   frames = [dets for dets, _ in scans]
   t_n = len(frames)
   need = int(np.ceil(TRACK_FRACTION * t_n))
-  plain = [p for _, p in scans if p < PLAIN_FRACTION]
-  if len(plain) > t_n - need:
-    return False, f"{_not_plain(min(plain))} in {len(plain)} frames"
+  flawed = [p for _, p in scans if p < PLAIN_FRACTION]  # frames not plain
+  if len(flawed) > t_n - need:
+    return False, f"{_not_plain(min(flawed))} in {len(flawed)} frames"
   good_count = sum(len(d) == len(spec.objects) for d in frames)
   if good_count < need:
     return False, f"wrong number of objects in {t_n - good_count} frames"
