@@ -57,6 +57,24 @@ def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
   return w.astype(np.float32)
 
 
+def sincos_2d(grid: int, dim: int, temperature: float = 100.0) -> np.ndarray:
+  """[grid * grid, dim] 2-D sin-cos position table (big_vision's
+  posemb_sincos_2d, row-major over the patch grid): dim/4 frequencies
+  temperature^(-k / (dim/4 - 1)) each for sin(x), cos(x), sin(y), cos(y).
+  The lowest frequency (1/temperature) is near-linear in x and y, so a
+  linear readout recovers a patch's column and row."""
+  if dim % 4:
+    raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, "
+                     f"got {dim}")
+  y, x = np.mgrid[:grid, :grid]
+  k = max(dim // 4 - 1, 1)
+  omega = temperature ** (-np.arange(dim // 4) / k)
+  xs = np.outer(x.ravel(), omega)
+  ys = np.outer(y.ravel(), omega)
+  return np.concatenate([np.sin(xs), np.cos(xs), np.sin(ys), np.cos(ys)],
+                        1).astype(np.float32)
+
+
 def resize_position_embeddings(pos: jax.Array, grid_h: int,
                                grid_w: int) -> jax.Array:
   """[1 + n*n, D] trained table -> [1 + grid_h*grid_w, D] (class slot kept)."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rd_jax.models import internvl
+from rd_jax.models import internvl, vit
 
 READOUTS = ("two_token", "full_vocab")
 
@@ -51,6 +51,14 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   layer-stacked params under `layers` carry a leading layer axis, so a norm
   scale or ViT layer-scale there is [layers, D] and is left alone (scaling
   it too made init_scale=4 blow up the residual stream).
+
+  rm.vision_pos_sincos (default 0: keep the random init) > 0 starts the
+  ViT's patch position embeddings at that amplitude times a 2-D sin-cos
+  table (vit.sincos_2d; the class slot keeps its init). From random
+  weights the position table is tiny next to the patch embedding (std
+  0.08 against ~2 per channel at the ShapesWorld sizes), and an object's
+  token carries almost none of its position; with the table it does, and
+  the VLM learns the relation words (README, "Reward models").
   """
   d = rm.model.text.hidden_size
   vlm = internvl.init(rm.model, rng)
@@ -58,6 +66,13 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   if scale != 1.0:
     vlm = jax.tree_util.tree_map_with_path(
         lambda path, x: x * scale if _is_matrix(path, x) else x, vlm)
+  amplitude = rm.get("vision_pos_sincos", 0.0)
+  if amplitude:
+    pos = vlm["vision"]["pos"]
+    grid = rm.model.vision.image_size // rm.model.vision.patch_size
+    table = amplitude * vit.sincos_2d(grid, pos.shape[-1])
+    pos.value = jnp.concatenate(
+        [pos[...][:1], jnp.asarray(table, pos.dtype)], 0)
   return {"vlm": vlm,
           "head": {"w": jnp.zeros((d,), jnp.float32),
                    "b": jnp.zeros((), jnp.float32)}}
