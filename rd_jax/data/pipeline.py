@@ -248,9 +248,11 @@ def loader(data_dir: str, kind: str = "image", split: str = "train", *,
           shard_index=shard_index, shard_count=shard_count,
           drop_remainder=True),
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  thin = None if keep is None else _Keep(keep, seed)  # validates keep
-  ops = [_Readable()] + ([thin] if thin is not None and
-                         (thin.fractions < 1).any() else [])
+  ops = [_Readable()]
+  if keep is not None:
+    thin = _Keep(keep, seed)  # validates keep, even when it keeps all
+    if (thin.fractions < 1).any():
+      ops.append(thin)
   ops += [_Prepare(tokenizer_dir(data_dir), max_len),
           grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)]
   return grain.DataLoader(
