@@ -167,7 +167,11 @@ def write(final: dict, config, workdir: str) -> str:
           "## Video (SFT generator, held-out motion prompts)", "",
           table(["category"] + video,
                 [[c] + [by[t].get(c) for t in video]
-                 for c in (*cats, "overall")]), "",
+                 for c in (*cats, "overall")] +
+                # oracle.motion: objects followed, then moving as asked.
+                [[f"motion: {k}"] + [g.get(f"oracle_motion_{t}", {}).get(k)
+                                     for t in video]
+                 for k in ("tracked", "direction", "speed")]), "",
           _picture(workdir, "generator/video/samples_t2v_frames.png",
                    "text-to-video frame strips"), "",
           _picture(workdir, "generator/video/samples_i2v_frames.png",

@@ -307,12 +307,13 @@ def train_stage(config, name: str, tok, workdir: str, writer,
     out["by_category"][task] = cats
     writer.write_scalars(st.steps, {f"oracle_{task}/{k}": v
                                     for k, v in cats.items()})
-    if task == "t2i":  # which attribute fails: count, shape or colour
-      attrs = oracle.attributes(samples, specs)
-      out["oracle_attributes_t2i"] = attrs
-      writer.write_scalars(st.steps, {f"oracle_t2i_attributes/{k}": v
-                                      for k, v in attrs.items()})
-      logging.info("t2i attributes: %s", attrs)
+    # Which attribute fails: count, shape or colour for images; for videos
+    # whether the objects move as asked.
+    attrs = (oracle.motion if st.frames else oracle.attributes)(samples, specs)
+    key = f"oracle_{'motion' if st.frames else 'attributes'}_{task}"
+    out[key] = attrs
+    writer.write_scalars(st.steps, {f"{key}/{k}": v for k, v in attrs.items()})
+    logging.info("%s: %s", key, attrs)
     save_grid(os.path.join(stage_dir, f"samples_{task}"), samples,
               config.num_grid)
     logging.info("%s oracle: %s", task, cats)

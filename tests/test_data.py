@@ -1,5 +1,6 @@
 """ShapesWorld: oracle figures, held-out splits, pipeline determinism and sharding."""
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -105,6 +106,36 @@ def test_oracle_attributes_say_which_attribute_is_wrong():
   with pytest.raises(ValueError, match="attributes\\(\\) judges images"):
     oracle.attributes([imgs[0]], [world.Spec("motion", (world.Obj(
         "circle", "red", direction="left", speed="slowly"),))])
+
+
+def test_oracle_motion_says_whether_objects_move_as_asked():
+  rng = np.random.default_rng(7)
+  specs = [world.Spec("motion", (world.Obj(sh, c, direction=d, speed=v),))
+           for sh, c in (("circle", "red"), ("square", "blue"))
+           for d in ("left", "right", "up", "down")
+           for v in ("slowly", "quickly")]
+  videos = [world.render(s, rng) for s in specs]
+  assert oracle.motion(videos, specs) == {
+      "tracked": 1.0, "direction": 1.0, "speed": 1.0, "n_tracked": 16}
+  # The same videos judged against the opposite direction, the other speed,
+  # played frozen (first frame repeated), and against another colour.
+  flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
+  other = {"slowly": "quickly", "quickly": "slowly"}
+  redo = lambda **kw: [world.Spec("motion", (dataclasses.replace(  # noqa: E731
+      s.objects[0], **{k: f(s.objects[0]) for k, f in kw.items()}),))
+      for s in specs]
+  assert oracle.motion(videos, redo(direction=lambda o: flip[o.direction])
+                       )["direction"] == 0.0
+  m = oracle.motion(videos, redo(speed=lambda o: other[o.speed]))
+  assert (m["direction"], m["speed"]) == (1.0, 0.0)
+  frozen = [np.stack([v[0]] * len(v)) for v in videos]
+  assert oracle.motion(frozen, specs)["direction"] == 0.0
+  m = oracle.motion(videos, redo(color=lambda o: "yellow"))
+  assert (m["tracked"], m["n_tracked"]) == (0.0, 0) and np.isnan(
+      m["direction"])
+  with pytest.raises(ValueError, match="motion\\(\\) judges videos"):
+    oracle.motion([videos[0][0]], [world.Spec("colors", (world.Obj(
+        "circle", "red"),))])
 
 
 def test_oracle_judges_position_and_motion_by_geometry():

@@ -190,6 +190,37 @@ def judge_image(img: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   return why is None, why or "ok"
 
 
+def _track(frames: Sequence[Sequence[Detection]], color: str, need: int):
+  """The object of `color` followed through `frames` (nearest to its last
+  position) -> (fitted velocity (vx, vy) in px/frame, its shapes), or None
+  when it is seen in fewer than `need` frames."""
+  track, shapes, prev = [], [], None
+  for t, dets in enumerate(frames):
+    cands = [d for d in dets if d.color == color]
+    if not cands:
+      continue
+    d = cands[0] if prev is None else min(
+        cands, key=lambda c: (c.x - prev.x) ** 2 + (c.y - prev.y) ** 2)
+    track.append((t, d.x, d.y))
+    shapes.append(d.shape)
+    prev = d
+  if len(track) < need:
+    return None
+  t, xs, ys = (np.array(v, np.float64) for v in zip(*track))
+  return (np.polyfit(t, xs, 1)[0], np.polyfit(t, ys, 1)[0]), shapes
+
+
+def _moves(velocity, obj: world.Obj) -> tuple[bool, bool]:
+  """(moves in obj's direction, ... and at obj's speed)."""
+  vx, vy = velocity
+  ux, uy = world._VEL[obj.direction]  # pylint: disable=protected-access
+  along = vx * ux + vy * uy
+  across = abs(vx * uy) + abs(vy * ux)
+  direction = along >= MIN_SPEED and across <= 0.5 * along
+  return direction, direction and (along >= FAST_SPEED) == (
+      obj.speed == "quickly")
+
+
 def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   """Every object present, right shape and colour, moving as asked."""
   scans = [_scan(f) for f in video]
@@ -203,28 +234,16 @@ def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   if good_count < need:
     return False, f"wrong number of objects in {t_n - good_count} frames"
   for o in spec.objects:
-    track, shapes, prev = [], [], None
-    for t, dets in enumerate(frames):
-      cands = [d for d in dets if d.color == o.color]
-      if not cands:
-        continue
-      d = cands[0] if prev is None else min(
-          cands, key=lambda c: (c.x - prev.x) ** 2 + (c.y - prev.y) ** 2)
-      track.append((t, d.x, d.y))
-      shapes.append(d.shape)
-      prev = d
-    if len(track) < need:
+    tracked = _track(frames, o.color, need)
+    if tracked is None:
       return False, f"no {o.color} object in most frames"
+    velocity, shapes = tracked
     if max(set(shapes), key=shapes.count) != o.shape:
       return False, f"the {o.color} object is not a {o.shape}"
-    t, xs, ys = (np.array(v, np.float64) for v in zip(*track))
-    vx, vy = np.polyfit(t, xs, 1)[0], np.polyfit(t, ys, 1)[0]
-    ux, uy = world._VEL[o.direction]  # pylint: disable=protected-access
-    along = vx * ux + vy * uy
-    across = abs(vx * uy) + abs(vy * ux)
-    if along < MIN_SPEED or across > 0.5 * along:
+    direction, speed = _moves(velocity, o)
+    if not direction:
       return False, f"the {o.shape} does not move {o.direction}"
-    if (along >= FAST_SPEED) != (o.speed == "quickly"):
+    if not speed:
       return False, f"the {o.shape} does not move {o.speed}"
   return True, "ok"
 
@@ -276,6 +295,37 @@ def attributes(samples: Sequence[np.ndarray] | np.ndarray,
   rate = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
   return {"count": rate(count), "shape": rate(shape), "color": rate(color),
           "n_single": len(shape), "n_color": len(color)}
+
+
+def motion(videos: Sequence[np.ndarray] | np.ndarray,
+           specs: Sequence[world.Spec]) -> dict[str, float]:
+  """Whether videos move their objects as asked, apart from the
+  all-or-nothing verdict (which also needs the right count and shapes):
+  each moving object of each spec is followed by its colour as
+  `judge_video` does. `tracked` = share of those objects seen in most
+  frames; over the tracked ones, `direction` = share moving in the asked
+  direction (a random one of the four would give 0.25; a still object
+  fails) and `speed` = share moving in that direction at the asked speed;
+  `n_tracked` = how many were tracked (the rates are NaN at 0)."""
+  tracked, direction, speed = [], [], []
+  for video, spec in zip(videos, specs):
+    if not spec.is_video:
+      raise ValueError(f"motion() judges videos; got the image spec "
+                       f"{world.prompt(spec)!r}")
+    frames = [_scan(f)[0] for f in video]
+    need = int(np.ceil(TRACK_FRACTION * len(frames)))
+    for o in spec.objects:
+      if o.direction is None:
+        continue
+      got = _track(frames, o.color, need)
+      tracked.append(got is not None)
+      if got is not None:
+        d, s = _moves(got[0], o)
+        direction.append(d)
+        speed.append(s)
+  rate = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+  return {"tracked": rate(tracked), "direction": rate(direction),
+          "speed": rate(speed), "n_tracked": len(direction)}
 
 
 def by_category(correct: Sequence[bool], specs: Sequence[world.Spec]
