@@ -309,8 +309,10 @@ def train_stage(config, name: str, tok, workdir: str, writer,
                                     for k, v in cats.items()})
     # Which attribute fails: count, shape or colour for images; for videos
     # whether the objects move as asked.
-    attrs = (oracle.motion if st.frames else oracle.attributes)(samples, specs)
-    key = f"oracle_{'motion' if st.frames else 'attributes'}_{task}"
+    what, judge = (("motion", oracle.motion) if st.frames else
+                   ("attributes", oracle.attributes))
+    attrs = judge(samples, specs)
+    key = f"oracle_{what}_{task}"
     out[key] = attrs
     writer.write_scalars(st.steps, {f"{key}/{k}": v for k, v in attrs.items()})
     logging.info("%s: %s", key, attrs)

@@ -274,6 +274,11 @@ def score_batch(samples: Sequence[np.ndarray] | np.ndarray,
   return np.array([score(s, p) for s, p in zip(samples, specs)], bool)
 
 
+def _rate(flags: Sequence[bool]) -> float:
+  """Share of True in `flags`; NaN when there are none."""
+  return float(np.mean(flags)) if flags else float("nan")
+
+
 def attributes(samples: Sequence[np.ndarray] | np.ndarray,
                specs: Sequence[world.Spec]) -> dict[str, float]:
   """Which attribute images get wrong, apart from the all-or-nothing verdict:
@@ -292,8 +297,7 @@ def attributes(samples: Sequence[np.ndarray] | np.ndarray,
       shape.append(dets[0].shape == want[0][0])
       if want[0][1] is not None:
         color.append(dets[0].color == want[0][1])
-  rate = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-  return {"count": rate(count), "shape": rate(shape), "color": rate(color),
+  return {"count": _rate(count), "shape": _rate(shape), "color": _rate(color),
           "n_single": len(shape), "n_color": len(color)}
 
 
@@ -323,9 +327,8 @@ def motion(videos: Sequence[np.ndarray] | np.ndarray,
         d, s = _moves(got[0], o)
         direction.append(d)
         speed.append(s)
-  rate = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-  return {"tracked": rate(tracked), "direction": rate(direction),
-          "speed": rate(speed), "n_tracked": len(direction)}
+  return {"tracked": _rate(tracked), "direction": _rate(direction),
+          "speed": _rate(speed), "n_tracked": len(direction)}
 
 
 def by_category(correct: Sequence[bool], specs: Sequence[world.Spec]
