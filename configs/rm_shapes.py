@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rm = ml_collections.ConfigDict(dict(
       model=model, readout="two_token", yes_id=-1, no_id=-1,
       init_scale=1.0 if size in REAL_SIZES else 4.0,
+      vision_pos_sincos=0.0,  # >0: 2-D sin-cos start of the ViT positions
       frames=8 if arg.kind == "video" else None))
 
   # Small batches, many steps: from scratch, the pairwise model sits on a
