@@ -87,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.w_cot = 0.1         # LM loss weight on rationale tokens
   c.alpha = 0.1         # pointwise generative: weight of the yes/no CE
   c.question_len = 72   # max question tokens
+  # Question before the images (image tokens attend to the prompt); the
+  # paper's layout, images first, is the default.
+  c.question_first = False
   c.prompt_overflow = "error"  # longer question: "error" or "truncate" (warns)
   c.on_corrupt = "fail"  # a corrupt data record: "fail" or "skip" (counted)
   # Share of the training records kept per failure of the rejected sample

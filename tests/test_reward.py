@@ -82,6 +82,19 @@ def test_sequences_layout(shapes_tiny):
   with pytest.raises(ValueError, match="question_len"):
     sequences.encode(tok, [q], num_images=2, tokens_per_image=4,
                      question_len=5)
+  # question_first: the question right after `user`, then the images; the
+  # same tokens, length, read position and answer.
+  f = sequences.encode(tok, [q], [a], num_images=2, tokens_per_image=4,
+                       question_len=64, answer_len=32, cot="reason_first",
+                       question_first=True)
+  q_ids = tok.encode(q, add_special_tokens=False)
+  user = len(tok.encode(sequences.USER, add_special_tokens=False))
+  fi = f["input_ids"][0]
+  np.testing.assert_array_equal(fi[user:user + len(q_ids)], q_ids)
+  assert np.flatnonzero(fi == n_ctx).min() == user + len(q_ids) + 1  # <img>
+  assert f["read_pos"][0] == r and fi.shape == ids.shape
+  np.testing.assert_array_equal(np.sort(fi), np.sort(ids))
+  np.testing.assert_array_equal(fi[r:], ids[r:])
 
 
 def test_caption_rows_and_scores(shapes_tiny):

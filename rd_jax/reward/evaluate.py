@@ -72,7 +72,8 @@ def encode(config, tok, tokens_per_image: int, questions, answers=None):
       yes_no=(config.rm.yes_id, config.rm.no_id),
       groups=2 if pairwise else 1,
       noun="video" if config.rm.get("frames") else "image",
-      overflow=config.get("prompt_overflow", "error"))
+      overflow=config.get("prompt_overflow", "error"),
+      question_first=config.get("question_first", False))
 
 
 # ---------------------------------------------------------------- scoring

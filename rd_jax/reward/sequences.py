@@ -72,8 +72,8 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
            answer_len: int = 1, cot: str = "none",
            yes_no: tuple[int, int] | None = None, groups: int = 1,
            noun: str = "image", overflow: str = "error",
-           decision: bool = True, answer_key: str = "answer_len"
-           ) -> dict[str, np.ndarray]:
+           decision: bool = True, answer_key: str = "answer_len",
+           question_first: bool = False) -> dict[str, np.ndarray]:
   """Questions (and, for training, answers) -> fixed-length arrays above.
 
   Without answers the result is what the reward functions take (compute it
@@ -84,12 +84,18 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
   its last question_len tokens, the question itself, with a warning
   (overflow="truncate"). decision=False: answers need no yes/no token (no
   decision_index); answer_key names answer_len's config key in errors.
+  question_first=True puts the question before the images
+  (`<|im_start|>user\n{question}<img>...</img>\n...`), so that in the
+  causal LM the image tokens attend to the prompt; same length and
+  read position.
   """
   if overflow not in ("error", "truncate"):
     raise ValueError(f"prompt overflow must be 'error' or 'truncate', got "
                      f"{overflow!r}")
   head = image_block(tok, num_images, tokens_per_image, groups, noun)
   tail = _ids(tok, ASSISTANT)
+  user = _ids(tok, USER)
+  images = head[len(user):]
   length = seq_len(tok, num_images, tokens_per_image, question_len,
                    answer_len, groups)
   b = len(questions)
@@ -115,7 +121,8 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
                          f"config.prompt_overflow='truncate'")
       logging.warning("%s; kept its last %d tokens", msg, question_len)
       q = q[-question_len:]
-    prompt = head + q + tail
+    prompt = (user + q + images + tail if question_first
+              else head + q + tail)
     n = len(prompt)
     out["input_ids"][i, :n] = prompt
     out["read_pos"][i] = n - 1
