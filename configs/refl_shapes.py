@@ -23,7 +23,8 @@ Keys:
   references.*         prompts (train-split pool), n (Best-of-n), top_k,
                        bottom (keep the worst k: the paper's ablation)
   train.*              steps, batch_size, lr, warmup_steps, grad_clip,
-                       ema_decay, max_nonfinite
+                       ema_decay, max_nonfinite, optimizer (adamw | muon,
+                       rd_jax/train_util.make_optimizer)
   eval_every, eval_n   oracle on held-out prompts during training (EMA);
                        oracle_curve = [[step, oracle]] from step 0 (SFT)
   final_eval_n         prompts for oracle_before / oracle_after
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prompts=128, n=8, top_k=2, bottom=False))
   c.train = ml_collections.ConfigDict(dict(
       steps=200, batch_size=8, lr=3e-4, warmup_steps=10, grad_clip=1.0,
-      ema_decay=0.95, max_nonfinite=20))
+      ema_decay=0.95, max_nonfinite=20, optimizer="adamw"))
   # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.eval_every = 50

@@ -348,7 +348,8 @@ def refl_job(config, rm_config, batch: int) -> Job:
                 beta=0.0),
       train=dict(ema_decay=0.999)))
   opt = refl.make_optimizer(ml_collections.ConfigDict(dict(
-      grad_clip=1.0, lr=1e-5, warmup_steps=10)))
+      grad_clip=1.0, lr=1e-5, warmup_steps=10, optimizer="adamw")),
+      generator.logical_specs(st.model))
 
   def init():
     params = generator.init(st.model, jax.random.key(0))

@@ -120,11 +120,12 @@ def refl_loss(gen_params, frozen: dict, batch: dict, rng: jax.Array, cfg):
 # ---------------------------------------------------------------- trainer
 
 
-def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(optax.warmup_constant_schedule(0.0, tc.lr, tc.warmup_steps),
-                  b2=0.99, weight_decay=0.0))
+def make_optimizer(tc: ml_collections.ConfigDict,
+                   logical: dict) -> optax.GradientTransformation:
+  """logical: the generator params' logical names (Muon's matrices)."""
+  return train_util.make_optimizer(
+      optax.warmup_constant_schedule(0.0, tc.lr, tc.warmup_steps),
+      grad_clip=tc.grad_clip, b2=0.99, kind=tc.optimizer, logical=logical)
 
 
 def train_step(cfg, opt, state: dict, batch: dict, rng: jax.Array,
@@ -251,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # The state (from the SFT params) and the frozen reward model, placed on
   # config.mesh by their logical names; the RM is an argument of the step.
   tc = config.train
-  opt = make_optimizer(tc)
+  opt = make_optimizer(tc, generator.logical_specs(st.model))
   state, state_sh = sharding.put(
       {"params": sft, "opt": opt.init(sft),
        "ema": jax.tree.map(jnp.copy, sft), "step": np.zeros((), np.int32)},

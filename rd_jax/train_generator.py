@@ -77,8 +77,9 @@ def make_optimizer(st) -> optax.GradientTransformation:
   lr = optax.warmup_cosine_decay_schedule(
       0.0, st.lr, st.warmup_steps, max(st.steps, st.warmup_steps + 1),
       end_value=st.lr * 0.1)
-  return optax.chain(optax.clip_by_global_norm(st.grad_clip),
-                     optax.adamw(lr, b2=0.99, weight_decay=st.weight_decay))
+  return train_util.make_optimizer(
+      lr, grad_clip=st.grad_clip, b2=0.99, weight_decay=st.weight_decay,
+      kind=st.optimizer, logical=generator.logical_specs(st.model))
 
 
 def first_frame_mask(i2v: jax.Array, frames: int) -> jax.Array:

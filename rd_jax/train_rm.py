@@ -68,8 +68,9 @@ def make_optimizer(tc) -> optax.GradientTransformation:
   lr = optax.warmup_cosine_decay_schedule(
       0.0, tc.lr, tc.warmup_steps, max(tc.steps, tc.warmup_steps + 1),
       end_value=tc.lr * 0.05)
-  return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(lr, b2=tc.b2, weight_decay=tc.weight_decay))
+  return train_util.make_optimizer(lr, grad_clip=tc.grad_clip, b2=tc.b2,
+                                   weight_decay=tc.weight_decay,
+                                   kind=tc.optimizer)
 
 
 def from_pretrained(config, state: dict, opt, mesh, rules) -> dict:

@@ -336,6 +336,64 @@ def fmt_time(s: float) -> str:
 # ---------------------------------------------------------------- update
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_dims(params: Any, logical: Any = None) -> Any:
+  """Muon's matrix view of every parameter, from its logical axis names
+  (sharding.tree_logical_specs; `logical` as there): a layer-stacked matrix,
+  named (layers, embed, out...) or (layers, in..., embed), is orthogonalised
+  per layer with `embed` as its input or output axis; every other
+  parameter (embeddings, norms, biases, patch and output projections) gets
+  None, i.e. AdamW."""
+  from optax.contrib import MuonDimensionNumbers  # pylint: disable=g-import-not-at-top
+  from rd_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  def dims(names):
+    if not names or names[0] != "layers" or len(names) < 3:
+      return None
+    if names[1] == "embed":
+      return MuonDimensionNumbers(1, tuple(range(2, len(names))))
+    if names[-1] == "embed":
+      return MuonDimensionNumbers(tuple(range(1, len(names) - 1)),
+                                  len(names) - 1)
+    return None
+
+  return jax.tree.map(dims, sharding.tree_logical_specs(params, logical),
+                      is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+
+def make_optimizer(lr: Any, *, grad_clip: float, b2: float,
+                   weight_decay: float = 0.0, kind: str = "adamw",
+                   logical: Any = None) -> optax.GradientTransformation:
+  """Every trainer's optimiser: global-norm clipping, then AdamW
+  (`kind='adamw'`) or Muon (`kind='muon'`: momentum orthogonalised by
+  Newton-Schulz on the layer-stacked matrices of `muon_dims`, AdamW with
+  the same schedule on the rest; update RMS matched to AdamW's,
+  `consistent_rms=0.2`, so one learning rate serves both). `lr`: a float
+  or an optax schedule; `logical`: the params' logical names when the
+  params are plain arrays (see sharding.tree_logical_specs)."""
+  if kind == "adamw":
+    inner = optax.adamw(lr, b2=b2, weight_decay=weight_decay)
+  elif kind == "muon":
+    def dims(params):
+      out = muon_dims(params, logical)
+      if not any(d is not None for d in jax.tree.leaves(
+          out, is_leaf=lambda x: x is None or isinstance(x, tuple))):
+        raise ValueError(
+            "optimizer='muon' found no layer-stacked matrix (logical names "
+            "(layers, embed, ...) or (layers, ..., embed)) among the "
+            "parameters; use optimizer='adamw' for this model")
+      return out
+    inner = optax.contrib.muon(
+        lr, adam_b2=b2, weight_decay=weight_decay,
+        adam_weight_decay=weight_decay, consistent_rms=0.2,
+        muon_weight_dimension_numbers=dims)
+  else:
+    raise ValueError(f"unknown optimizer {kind!r}; one of {OPTIMIZERS}")
+  return optax.chain(optax.clip_by_global_norm(grad_clip), inner)
+
+
 def apply_gradients(state: dict, grads: Any, opt: Any,
                     ema_decay: float | None = None,
                     loss: jax.Array | None = None) -> tuple[dict, jax.Array]:
