@@ -130,7 +130,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=3e-3 if arg.smoke else 1e-3, warmup_steps=5 if arg.smoke else 50,
       weight_decay=0.05, grad_clip=1.0, b2=0.98,
       # adamw | muon (rd_jax/train_util.make_optimizer); Muon did not beat
-      # AdamW on the default pairwise run (README, "Optimizer").
+      # AdamW on the default pairwise run (README, "Muon for the reward
+      # model").
       optimizer="adamw",
       max_nonfinite=20))  # skipped (non-finite) updates in a row -> stop
   if arg.paradigm == "caption" and not arg.smoke:
