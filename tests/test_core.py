@@ -1,4 +1,5 @@
-"""Config argument parsing, the mesh / logical-axis rules, the metrics writer."""
+"""Config argument parsing, the mesh / logical-axis rules, the metrics writer,
+the optimiser builder (AdamW / Muon)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,14 +95,16 @@ def test_muon_orthogonalises_each_layer_of_the_stacked_matrices():
   attention `o` [layers, heads, head_dim, embed] reduces over (heads,
   head_dim). The first Muon update of a layer-stacked kernel is
   orthogonalised per layer: its singular values are within 2.5x (1.7 when
-  written) although the gradient's span 100x; AdamW's are not (6.2), nor is
-  an embedder's update under Muon (AdamW there)."""
+  written) although the gradient's span 100x, and a layer whose gradient
+  is 100x smaller gets an update of the same size (one matrix over both
+  layers would not); AdamW's singular values are not within 2.5x (6.2),
+  nor are an embedder's under Muon (AdamW there)."""
   from optax.contrib import MuonDimensionNumbers
   from configs import generator_shapes, rm_shapes
   from rd_jax import train_util
   from rd_jax.models import generator
   from rd_jax.reward import model
-  cfg = generator_shapes.get_config("smoke").image.model
+  cfg = generator_shapes.get_config().image.model  # 2 layers per stack
   params = jax.jit(lambda: generator.init(cfg, jax.random.key(0)))()
   logical = generator.logical_specs(cfg)
   dims = _flat_dims(train_util.muon_dims(params, logical))
@@ -131,14 +134,20 @@ def test_muon_orthogonalises_each_layer_of_the_stacked_matrices():
   for d, key in ((dit["transformer_blocks"]["ff"]["proj_in"], 1),
                  (dit["x_embedder"], 2)):
     d["kernel"] = graded(d["kernel"], jax.random.key(key))
+  proj_in = dit["transformer_blocks"]["ff"]["proj_in"]
+  proj_in["kernel"] = proj_in["kernel"] * jnp.array([1.0, 0.01])[:, None, None]
   for kind, ratio in (("muon", lambda r: r < 2.5), ("adamw", lambda r: r > 4)):
     opt = train_util.make_optimizer(1.0, grad_clip=1e9, b2=0.99, kind=kind,
                                     logical=logical)
     upd = sharding.flat_paths(jax.jit(opt.update)(grads, opt.init(params),
                                                   params)[0])
-    for layer in upd["dit/transformer_blocks/ff/proj_in/kernel"]:
-      s = np.linalg.svd(np.asarray(layer), compute_uv=False)
+    layers = np.asarray(upd["dit/transformer_blocks/ff/proj_in/kernel"])
+    for layer in layers:
+      s = np.linalg.svd(layer, compute_uv=False)
       assert ratio(s.max() / s.min()), (kind, s.max() / s.min())
+    if kind == "muon":
+      n0, n1 = np.linalg.norm(layers[0]), np.linalg.norm(layers[1])
+      assert 1 / 1.5 < n0 / n1 < 1.5, (n0, n1)
     s = np.linalg.svd(np.asarray(upd["dit/x_embedder/kernel"]),
                       compute_uv=False)
     assert s.max() / s.min() > 4, s  # AdamW in both
