@@ -102,7 +102,7 @@ def refl_case():
   cfg = ml_collections.ConfigDict(dict(gen=st, rm=rm_c.rm, refl=rc.refl,
                                        train=rc.train))
   cfg.rm.paradigm = "pairwise_generative"
-  opt = refl.make_optimizer(rc.train)
+  opt = refl.make_optimizer(rc.train, generator.logical_specs(st.model))
   params = generator.init(st.model, jax.random.key(0))
   state = {"params": params, "opt": opt.init(params),
            "ema": jax.tree.map(jnp.copy, params),

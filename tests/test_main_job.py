@@ -12,6 +12,7 @@ import pytest
 from rd_jax import generate, main, refl, train_util
 from rd_jax.data import world
 from rd_jax.generation import search
+from rd_jax.models import generator
 
 STAGE_KEYS = {
     "data": ("build_s",),
@@ -63,7 +64,9 @@ def test_search_stage_samples_the_refl_generator(demo_smoke):
   ckpt = train_util.Checkpointer(os.path.join(workdir, "refl", "checkpoints"))
   state, step = ckpt.restore(jax.eval_shape(lambda: {
       "params": refl_ema,
-      "opt": refl.make_optimizer(config.refl.train).init(refl_ema),
+      "opt": refl.make_optimizer(config.refl.train,
+                                 generator.logical_specs(st.model)
+                                 ).init(refl_ema),
       "ema": refl_ema,
       "step": np.zeros((), np.int32)}))
   ckpt.close()
