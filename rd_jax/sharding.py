@@ -210,10 +210,13 @@ def _norm_path(path) -> tuple[str, ...]:
   return names[:-1] if names and names[-1] == "value" else names
 
 
-def flat_paths(tree: Any) -> dict[str, Any]:
-  """{'a/b/c': leaf} of a pytree (nnx State, dicts, Orbax metadata)."""
+def flat_paths(tree: Any,
+               is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+  """{'a/b/c': leaf} of a pytree (nnx State, dicts, Orbax metadata);
+  `is_leaf` as in jax.tree_util."""
   return {"/".join(_norm_path(p)): leaf
-          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+          for p, leaf in jax.tree_util.tree_flatten_with_path(
+              tree, is_leaf=is_leaf)[0]}
 
 
 def _logical_table(tree: Any) -> dict[tuple[str, ...], tuple]:

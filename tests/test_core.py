@@ -84,9 +84,8 @@ def test_every_config_flag_in_readme_is_a_config_key():
 def _flat_dims(dims):
   """{'a/b': MuonDimensionNumbers} of muon_dims' Muon leaves."""
   from optax.contrib import MuonDimensionNumbers
-  leaves = jax.tree_util.tree_flatten_with_path(
-      dims, is_leaf=lambda x: isinstance(x, MuonDimensionNumbers))[0]
-  return {"/".join(sharding._norm_path(p)): d for p, d in leaves}  # pylint: disable=protected-access
+  return sharding.flat_paths(
+      dims, is_leaf=lambda x: isinstance(x, MuonDimensionNumbers))
 
 
 def test_muon_orthogonalises_each_layer_of_the_stacked_matrices():
