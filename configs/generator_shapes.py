@@ -112,10 +112,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.image.model = ml_collections.ConfigDict(dict(
       space="pixel", prediction="sample", text=_text(max_len=8),
       dit=_dit(patch_size=4)))
+  # Videos: the image recipe with Muon (stop 31): at these 500 x 16 steps
+  # the oracle follows 0.62 / 0.57 of the moving objects (T2V / I2V)
+  # through the frames, against 0.16 / 0.14 for AdamW predicting v and
+  # 0.01 / 0.07 for AdamW with this recipe; their direction is still at
+  # chance (README, Generator, "Videos").
   c.video = _stage(frames=8, i2v_prob=0.5, steps=500, batch_size=16,
-                   eval_n=30, eval_batch=30)
+                   lr=2e-3, optimizer="muon", warmup_steps=100,
+                   train_shift=3.0, cfg_scale=2.0, eval_n=60, eval_batch=30)
   c.video.model = ml_collections.ConfigDict(dict(
-      space="pixel", prediction="velocity", text=_text(),
+      space="pixel", prediction="sample", text=_text(),
       dit=_dit(patch_size=4)))
 
   if arg.size == "flux_dev":
