@@ -21,7 +21,9 @@ Keys:
   refl.lam, refl.scale loss = relu(lam - r) * scale
   refl.beta            weight of the flow-matching loss on clean renders
   references.*         prompts (train-split pool), n (Best-of-n), top_k,
-                       bottom (keep the worst k: the paper's ablation)
+                       bottom (keep the worst k: the paper's ablation),
+                       batch (prompts per call: memory grows with
+                       batch * n * (n - 1) reward-model passes)
   train.*              steps, batch_size, lr, warmup_steps, grad_clip,
                        ema_decay, max_nonfinite, optimizer (adamw | muon,
                        rd_jax/train_util.make_optimizer)
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.refl = ml_collections.ConfigDict(dict(
       steps=20, window=(12, 17), lam=1.0, scale=1.0, beta=0.1))
   c.references = ml_collections.ConfigDict(dict(
-      prompts=128, n=8, top_k=2, bottom=False))
+      prompts=128, n=8, top_k=2, bottom=False, batch=32))
   c.train = ml_collections.ConfigDict(dict(
       steps=200, batch_size=8, lr=3e-4, warmup_steps=10, grad_clip=1.0,
       ema_decay=0.95, max_nonfinite=20, optimizer="adamw"))

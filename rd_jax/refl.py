@@ -147,8 +147,15 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
                log=logging.info) -> np.ndarray:
   """Best-of-N references [P, top_k, R, R, 3] in [0, 1]: N SFT samples per
   prompt (one vmapped call), ranked by round-robin symmetric pairwise wins
-  under the reward model, the top (or bottom) k kept."""
+  under the reward model, the top (or bottom) k kept.
+
+  At most `references.batch` prompts per call: memory grows with
+  batch · N(N−1) reward-model passes. Each prompt's noise comes from its
+  index, so the references do not depend on the batch.
+  """
   rc = config.references
+  if rc.batch < 1:
+    raise ValueError(f"references.batch must be >= 1, got {rc.batch}")
 
   def one_batch(ids, mask, q, noise):
     samples = jax.vmap(lambda z: train_generator.sample(
@@ -161,12 +168,18 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
     return generator.to_unit(search.gather(samples, keep))
 
   fn = jax.jit(one_batch)
-  out, t0, bs = [], time.time(), config.eval_batch
+  # At most references.batch prompts per call, in equal calls where the
+  # count allows (one compile instead of two for a short last call).
+  calls = -(-len(ids) // rc.batch)
+  bs = -(-len(ids) // calls)
+  out, t0 = [], time.time()
   key = jax.random.key(config.seed + 17)
+  shape = (rc.n,) + generator.sample_shape(st, 1)[1:]
+  prompt_noise = jax.vmap(  # prompt indices [b] -> noise [b, N, ...]
+      lambda p: jax.random.normal(jax.random.fold_in(key, p), shape))
   for i in range(0, len(ids), bs):
     sl = slice(i, i + bs)
-    noise = jax.random.normal(jax.random.fold_in(key, i), (rc.n,) +
-                              generator.sample_shape(st, len(ids[sl])))
+    noise = jnp.moveaxis(prompt_noise(np.arange(i, i + len(ids[sl]))), 0, 1)
     out.append(np.asarray(fn(ids[sl], mask[sl],
                              jax.tree.map(lambda a, sl=sl: a[sl], q), noise)))
     log(f"references: {i + len(ids[sl])}/{len(ids)} prompts "

@@ -153,3 +153,31 @@ def test_window_outside_the_rollout_is_refused():
   with pytest.raises(ValueError, match=r"refl.window \(1, 4\) must satisfy "
                      r"0 <= lo <= hi < refl.steps=4"):
     refl.refl_loss(None, None, {}, jax.random.key(4), make_cfg(window=(1, 4)))
+
+
+def test_references_do_not_depend_on_the_batch():
+  # Each prompt's noise comes from its index, so Best-of-N references drawn
+  # 1, 2 (calls of 2 + 1) or 3 prompts at a time are the same images; with
+  # the noise drawn per call (as before stop 33) they differ.
+  cfg, gen, rmp, _ = setup()
+  p = 3
+  ids = jnp.asarray(np.random.default_rng(1).integers(1, 20, (p, 6)),
+                    jnp.int32)
+  rm_config = ml_collections.ConfigDict(dict(rm=cfg.rm))
+  out = {}
+  for batch in (1, 2, 3):
+    config = ml_collections.ConfigDict(dict(seed=0, references=dict(
+        n=3, top_k=2, bottom=False, batch=batch)))
+    out[batch] = refl.references(config, cfg.gen, gen, rm_config, rmp, ids,
+                                 jnp.ones_like(ids, bool),
+                                 tiny_question(p, num_images=2),
+                                 log=lambda _: None)
+  r = cfg.gen.resolution
+  assert out[1].shape == (p, 2, r, r, 3)
+  assert np.abs(out[1][:, 0] - out[1][:, 1]).max() > 0.1  # two samples
+  for batch in (2, 3):
+    np.testing.assert_allclose(out[batch], out[1], atol=1e-5)
+  config.references.batch = 0
+  with pytest.raises(ValueError, match="references.batch must be >= 1, "
+                     "got 0"):
+    refl.references(config, cfg.gen, gen, rm_config, rmp, ids, None, None)
