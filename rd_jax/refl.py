@@ -150,8 +150,8 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
   under the reward model, the top (or bottom) k kept.
 
   At most `references.batch` prompts per call: memory grows with
-  batch · N(N−1) reward-model passes. Each prompt's noise comes from its
-  index, so the references do not depend on the batch.
+  batch · N(N−1) reward-model passes. The noise of all prompts is drawn
+  before the calls, so the references do not depend on the batch.
   """
   rc = config.references
   if rc.batch < 1:
@@ -173,15 +173,15 @@ def references(config, st, gen_params, rm_config, rm_params, ids, mask, q,
   calls = -(-len(ids) // rc.batch)
   bs = -(-len(ids) // calls)
   out, t0 = [], time.time()
-  key = jax.random.key(config.seed + 17)
-  shape = (rc.n,) + generator.sample_shape(st, 1)[1:]
-  prompt_noise = jax.vmap(  # prompt indices [b] -> noise [b, N, ...]
-      lambda p: jax.random.normal(jax.random.fold_in(key, p), shape))
+  # Every prompt's N noises drawn at once, as generate.py and
+  # train_generator.evaluate do, then sliced per call.
+  noise = jax.random.normal(jax.random.key(config.seed + 17), (rc.n,) +
+                            generator.sample_shape(st, len(ids)))
   for i in range(0, len(ids), bs):
     sl = slice(i, i + bs)
-    noise = jnp.moveaxis(prompt_noise(np.arange(i, i + len(ids[sl]))), 0, 1)
     out.append(np.asarray(fn(ids[sl], mask[sl],
-                             jax.tree.map(lambda a, sl=sl: a[sl], q), noise)))
+                             jax.tree.map(lambda a, sl=sl: a[sl], q),
+                             noise[:, sl])))
     log(f"references: {i + len(ids[sl])}/{len(ids)} prompts "
         f"({time.time() - t0:.0f}s)")
   return np.moveaxis(np.concatenate(out, 1), 0, 1)

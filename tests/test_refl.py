@@ -156,9 +156,10 @@ def test_window_outside_the_rollout_is_refused():
 
 
 def test_references_do_not_depend_on_the_batch():
-  # Each prompt's noise comes from its index, so Best-of-N references drawn
-  # 1, 2 (calls of 2 + 1) or 3 prompts at a time are the same images; with
-  # the noise drawn per call (as before stop 33) they differ.
+  # The noise of all prompts is drawn before the calls, so Best-of-N
+  # references drawn 1, 2 (calls of 2 + 1) or 3 prompts at a time are the
+  # same images; with the noise drawn per call (as before stop 33) they
+  # differ.
   cfg, gen, rmp, _ = setup()
   p = 3
   ids = jnp.asarray(np.random.default_rng(1).integers(1, 20, (p, 6)),
