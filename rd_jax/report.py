@@ -171,7 +171,7 @@ def write(final: dict, config, workdir: str) -> str:
                 # oracle.motion: objects followed, then moving as asked.
                 [[f"motion: {k}"] + [g.get(f"oracle_motion_{t}", {}).get(k)
                                      for t in video]
-                 for k in ("tracked", "direction", "speed")]), "",
+                 for k in ("tracked", "moving", "direction", "speed")]), "",
           _picture(workdir, "generator/video/samples_t2v_frames.png",
                    "text-to-video frame strips"), "",
           _picture(workdir, "generator/video/samples_i2v_frames.png",

@@ -116,7 +116,8 @@ def test_oracle_motion_says_whether_objects_move_as_asked():
            for v in ("slowly", "quickly")]
   videos = [world.render(s, rng) for s in specs]
   assert oracle.motion(videos, specs) == {
-      "tracked": 1.0, "direction": 1.0, "speed": 1.0, "n_tracked": 16}
+      "tracked": 1.0, "direction": 1.0, "speed": 1.0, "moving": 1.0,
+      "n_tracked": 16}
   # The same videos judged against the opposite direction, the other speed,
   # played frozen (first frame repeated), and against another colour.
   flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -124,12 +125,13 @@ def test_oracle_motion_says_whether_objects_move_as_asked():
   redo = lambda **kw: [world.Spec("motion", (dataclasses.replace(  # noqa: E731
       s.objects[0], **{k: f(s.objects[0]) for k, f in kw.items()}),))
       for s in specs]
-  assert oracle.motion(videos, redo(direction=lambda o: flip[o.direction])
-                       )["direction"] == 0.0
+  m = oracle.motion(videos, redo(direction=lambda o: flip[o.direction]))
+  assert (m["direction"], m["moving"]) == (0.0, 1.0)
   m = oracle.motion(videos, redo(speed=lambda o: other[o.speed]))
   assert (m["direction"], m["speed"]) == (1.0, 0.0)
   frozen = [np.stack([v[0]] * len(v)) for v in videos]
-  assert oracle.motion(frozen, specs)["direction"] == 0.0
+  m = oracle.motion(frozen, specs)
+  assert (m["tracked"], m["direction"], m["moving"]) == (1.0, 0.0, 0.0)
   m = oracle.motion(videos, redo(color=lambda o: "yellow"))
   assert (m["tracked"], m["n_tracked"]) == (0.0, 0) and np.isnan(
       m["direction"])

@@ -100,8 +100,9 @@ def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
   assert set(m["oracle_attributes_t2i"]) == {"count", "shape", "color",
                                              "n_single", "n_color"}
   for task in ("t2v", "i2v"):
-    assert set(m[f"oracle_motion_{task}"]) == {"tracked", "direction",
-                                               "speed", "n_tracked"}
+    assert set(m[f"oracle_motion_{task}"]) == {"tracked", "moving",
+                                               "direction", "speed",
+                                               "n_tracked"}
   assert set(m["oracle_by_category"]["t2i"]) == set(
       world.IMAGE_CATEGORIES) | {"overall"}
   with open(f"{workdir}/final_metrics.json") as f:

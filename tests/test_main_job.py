@@ -117,7 +117,7 @@ def test_report_has_its_tables_and_pictures(demo_smoke):
     assert f"| {cat} | {before[cat]:.3f} | {after[cat]:.3f} |" in text, cat
   # The video table ends with oracle.motion's rates, as the generator wrote.
   gen = final["generator"]
-  for k in ("tracked", "direction", "speed"):
+  for k in ("tracked", "moving", "direction", "speed"):
     rates = [gen[f"oracle_motion_{t}"][k] for t in ("t2v", "i2v")]
     assert f"| motion: {k} | {rates[0]:.3f} | {rates[1]:.3f} |" in text, k
   pictures = [p.split("](")[1].rstrip(")") for p in text.split("\n")

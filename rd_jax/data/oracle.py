@@ -310,8 +310,9 @@ def motion(videos: Sequence[np.ndarray] | np.ndarray,
   frames; over the tracked ones, `direction` = share moving in the asked
   direction (a random one of the four would give 0.25; a still object
   fails) and `speed` = share moving in that direction at the asked speed;
+  `moving` = share moving at all (fitted speed >= MIN_SPEED, any way);
   `n_tracked` = how many were tracked (the rates are NaN at 0)."""
-  tracked, direction, speed = [], [], []
+  tracked, direction, speed, moving = [], [], [], []
   for video, spec in zip(videos, specs):
     if not spec.is_video:
       raise ValueError(f"motion() judges videos; got the image spec "
@@ -327,8 +328,10 @@ def motion(videos: Sequence[np.ndarray] | np.ndarray,
         d, s = _moves(got[0], o)
         direction.append(d)
         speed.append(s)
+        moving.append(bool(np.hypot(*got[0]) >= MIN_SPEED))
   return {"tracked": _rate(tracked), "direction": _rate(direction),
-          "speed": _rate(speed), "n_tracked": len(direction)}
+          "speed": _rate(speed), "moving": _rate(moving),
+          "n_tracked": len(direction)}
 
 
 def by_category(correct: Sequence[bool], specs: Sequence[world.Spec]
