@@ -129,6 +129,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # FLUX.1-dev sampling: guidance-distilled (no CFG), shifted schedule.
     c.image.update(sample_steps=28, sample_shift=3.0, cfg_scale=1.0,
                    guidance=3.5)
+    # Fine-tuning a pretrained FLUX.1-dev: AdamW at a small lr (the tiny
+    # stage's Muon at 2e-3 is a from-scratch recipe).
+    c.image.update(optimizer="adamw", lr=1e-5)
     c.image.model = ml_collections.ConfigDict(dict(
         space="latent",
         text=None,  # external: T5-XXL token states + CLIP-L pooled vector

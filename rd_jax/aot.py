@@ -161,12 +161,16 @@ class Job:
 
   fn(state, *rest) -> (state, metrics); state is donated. `state` and `rest`
   are pytrees of ShapeDtypeStructs; `logical` names their parameters;
-  `model_flops` is the MFU numerator per step (whole batch).
+  `model_flops` is the MFU numerator per step (whole batch). `init()` makes
+  the real state and `param_init()` the real frozen parameters (`rest` at
+  `param_args`) for running the step (rd_jax.bench).
   """
 
   def __init__(self, fn, state, rest, logical=None, model_flops=0.0,
-               describe="", param_args=(), remat="", static_loops=True):
+               describe="", param_args=(), remat="", static_loops=True,
+               init=None, param_init=None):
     self.fn, self.state, self.rest, self.remat = fn, state, rest, remat
+    self.init, self.param_init = init, param_init
     self.static_loops = static_loops  # False: FLOPs/MFU not estimable
     self.param_args = param_args  # indices of `rest` that are parameters
     self.logical, self.model_flops, self.describe = (logical, model_flops,
@@ -213,16 +217,16 @@ def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
   return mult * (dense + attn)
 
 
-def rm_job(config, batch: int) -> Job:
+def rm_job(config, batch: int, remat: str = "") -> Job:
   """The reward-model update of rd_jax.train_rm at config's (real) size."""
   from rd_jax import train_rm  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
-  _set_remat(config.rm.model, _REMAT.value)
+  _set_remat(config.rm.model, remat)
   if config.rm.yes_id < 0:  # filled from the tokenizer at train time
     config.rm.yes_id, config.rm.no_id = 0, 1
   opt = train_rm.make_optimizer(config.train)
-  state = jax.eval_shape(
-      lambda: train_rm.init_state(config, jax.random.key(0))[0])
+  init = lambda: train_rm.init_state(config, jax.random.key(0))[0]  # noqa: E731
+  state = jax.eval_shape(init)
   n_img, seq = rm_seq_len(config)
   rows = 2 * batch
   s = config.rm.model.vision.image_size
@@ -241,7 +245,7 @@ def rm_job(config, batch: int) -> Job:
   images = 2 * batch * (frames or 1)  # every image is encoded once
   flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0)
   return Job(fn, state, (data, _abstract_key()), model_flops=flops,
-             remat=config.rm.model.remat,
+             remat=config.rm.model.remat, init=init,
              describe=f"RM {config.size} {config.paradigm}: {batch} pairs "
              f"({rows} sequences x {seq} tokens, {n_img} images each)")
 
@@ -260,6 +264,39 @@ def _dit_tokens(st) -> int:
   m = st.model
   side = st.resolution // (8 if m.space == "latent" else 1)
   return (side // m.dit.patch_size) ** 2 * max(st.frames, 1)
+
+
+def _kernel_size(tree, skip=()) -> int:
+  """Matmul weights (kernels) of a parameter tree, except paths containing
+  any of `skip`."""
+  total = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if name.endswith("kernel") and not any(s in name for s in skip):
+      total += math.prod(x.shape)
+  return total
+
+
+def mmdit_flops(params, dit_cfg, img_tokens: int, txt_tokens: int,
+                mult: float) -> float:
+  """mult·(matmul MACs per sample) of the MMDiT: in the double-stream
+  blocks the image weights see the image tokens and the context weights
+  (`add_*`, `*context*`) the text tokens; the single-stream blocks see both;
+  AdaLN modulation and the timestep / pooled embedders run once per sample
+  (not counted); attention over the joint sequence in every block."""
+  per_sample = ("norm", "time_text_embed")  # modulation linears
+  double = params["transformer_blocks"]
+  txt = (_kernel_size(double, per_sample) -
+         _kernel_size(double, per_sample + ("add_", "context")) +
+         _kernel_size(params.get("context_embedder", {})))
+  img = (_kernel_size(double, per_sample + ("add_", "context")) +
+         _kernel_size(params.get("x_embedder", {})) +
+         _kernel_size(params.get("proj_out", {})))
+  single = _kernel_size(params["single_transformer_blocks"], per_sample)
+  seq = img_tokens + txt_tokens
+  width = dit_cfg.num_attention_heads * dit_cfg.attention_head_dim
+  attn = 2 * (dit_cfg.num_layers + dit_cfg.num_single_layers) * width * seq**2
+  return mult * (img * img_tokens + txt * txt_tokens + single * seq + attn)
 
 
 def latent_sft_step(st, opt, state: dict, batch: dict, rng: jax.Array):
@@ -283,12 +320,12 @@ def latent_sft_step(st, opt, state: dict, batch: dict, rng: jax.Array):
                "skipped": skipped}
 
 
-def generator_job(config, batch: int) -> Job:
+def generator_job(config, batch: int, remat: str = "") -> Job:
   from rd_jax import train_generator  # pylint: disable=g-import-not-at-top
   from rd_jax.models import generator  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   st = config[config.stages[0]]
-  _set_remat(st.model.dit, _REMAT.value)
+  _set_remat(st.model.dit, remat)
   opt = train_generator.make_optimizer(st)
 
   def init():
@@ -299,8 +336,7 @@ def generator_job(config, batch: int) -> Job:
 
   state = jax.eval_shape(init)
   logical = {"params": generator.logical_specs(st.model)}
-  r, n_dit = st.resolution, generator.param_count(st.model)["dit"]
-  tokens = _dit_tokens(st)
+  r, tokens = st.resolution, _dit_tokens(st)
   if st.model.text is None:
     txt_len = 512
     side = r // 8
@@ -315,13 +351,17 @@ def generator_job(config, batch: int) -> Job:
             "prompt_ids": jax.ShapeDtypeStruct((batch, txt_len), jnp.int32),
             "prompt_mask": jax.ShapeDtypeStruct((batch, txt_len), jnp.bool_)}
     fn = functools.partial(train_generator.train_step, st, opt)
-  flops = 6.0 * n_dit * batch * (tokens + txt_len)
+  flops = batch * mmdit_flops(state["params"]["dit"], st.model.dit, tokens,
+                              txt_len, 6.0)
+  if st.model.text is not None:  # the small text encoder, trained with it
+    flops += 6.0 * batch * txt_len * _kernel_size(state["params"]["text"])
   return Job(fn, state, (data, _abstract_key()), logical, flops,
-             remat=st.model.dit.remat, describe=f"generator SFT {r}px: {batch} samples x {tokens} image + "
+             remat=st.model.dit.remat, init=init,
+             describe=f"generator SFT {r}px: {batch} samples x {tokens} image + "
              f"{txt_len} text tokens")
 
 
-def refl_job(config, rm_config, batch: int) -> Job:
+def refl_job(config, rm_config, batch: int, remat: str = "") -> Job:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from rd_jax import refl  # pylint: disable=g-import-not-at-top
   from rd_jax.models import generator, vae  # pylint: disable=g-import-not-at-top
@@ -333,10 +373,10 @@ def refl_job(config, rm_config, batch: int) -> Job:
   if not generator.latent(st.model):
     raise ValueError("job=refl compiles the latent (real-size) generator; "
                      "use --config=configs/generator_shapes.py:size=flux_dev")
-  _set_remat(st.model.dit, _REMAT.value)
+  _set_remat(st.model.dit, remat)
   # Frozen models are held in bf16 (no optimiser, no master copy needed).
   rm_config.rm.model.param_dtype = "bfloat16"
-  rm_config.rm.model.remat = _REMAT.value or "full"
+  rm_config.rm.model.remat = remat or "full"
   rm_config.rm.yes_id, rm_config.rm.no_id = 0, 1
   rm_config.rm.paradigm = "pairwise_generative"
   # The trainer's step (rd_jax/refl.py) with FLUX.1-dev's sampling: 28
@@ -358,10 +398,12 @@ def refl_job(config, rm_config, batch: int) -> Job:
             "step": jnp.zeros((), jnp.int32)}
 
   state = jax.eval_shape(init)
-  frozen = jax.eval_shape(lambda: {
-      "vae": jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                          vae.init(st.model.vae, jax.random.key(1))),
-      "rm": rm_model.init(rm_config.rm, jax.random.key(2))})
+  def frozen_init():
+    return {"vae": jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                vae.init(st.model.vae, jax.random.key(1))),
+            "rm": rm_model.init(rm_config.rm, jax.random.key(2))}
+
+  frozen = jax.eval_shape(frozen_init)
   logical = {"params": generator.logical_specs(st.model),
              "vae": vae.logical_specs(st.model.vae)}
   _, seq = rm_seq_len(rm_config)
@@ -374,30 +416,34 @@ def refl_job(config, rm_config, batch: int) -> Job:
                    "attention_mask": jax.ShapeDtypeStruct((batch, seq),
                                                           jnp.bool_),
                    "read_pos": i32(batch)}}
-  n_dit = generator.param_count(st.model)["dit"]
-  tokens = _dit_tokens(st) + 512
   k_mean = sum(cfg.refl.window) / 2
-  flops = (2.0 * n_dit * tokens * batch * k_mean  # frozen sampling to k
-           + 6.0 * n_dit * tokens * batch         # step k, with grad
+  dit = batch * mmdit_flops(state["params"]["dit"], st.model.dit,
+                            _dit_tokens(st), 512, 1.0)
+  flops = (2.0 * dit * k_mean  # frozen sampling to k
+           + 6.0 * dit         # step k, with grad
            + _internvl_flops(rm_config.rm.model, 2 * batch, batch, seq, 4.0))
   fn = functools.partial(refl.train_step, cfg, opt)
   return Job(fn, state, (data, _abstract_key(), frozen), logical, flops,
              param_args=(2,), remat=st.model.dit.remat, static_loops=False,
+             init=init, param_init=frozen_init,
              describe=f"ReFL flux_dev {st.resolution}px + RM "
              f"{rm_config.size}: {batch} samples, {cfg.refl.steps} steps, "
              f"grad at k in {tuple(cfg.refl.window)}")
 
 
-def make_job(config, job: str, batch: int) -> Job:
+def make_job(config, job: str, batch: int, remat: str = "",
+             rm_config=None) -> Job:
+  """The job's step at `batch`; `remat` overrides the model's policy;
+  `rm_config` is the reward model of job=refl."""
   if job == "auto":
     job = ("rm" if "rm" in config else "generator" if "stages" in config
            else "")
   if job == "rm":
-    return rm_job(config, batch)
+    return rm_job(config, batch, remat)
   if job == "generator":
-    return generator_job(config, batch)
+    return generator_job(config, batch, remat)
   if job == "refl":
-    return refl_job(config, _RM_CONFIG.value, batch)
+    return refl_job(config, rm_config, batch, remat)
   raise ValueError("cannot tell the job from the config; pass --job=rm|"
                    "generator|refl")
 
@@ -547,10 +593,9 @@ def _bigger(topology: str) -> str | None:
   return names[i + 1] if 0 <= i < len(names) - 1 else None
 
 
-def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
-                rules=sharding.DEFAULT_RULES) -> tuple[dict, Any]:
-  """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
-  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
+def placements(job: Job, mesh, rules=sharding.DEFAULT_RULES):
+  """(state shardings, [shardings of each `rest` argument]): parameters by
+  their logical names (frozen models too), batches over act_batch."""
   state_sh = sharding.tree_shardings(job.state, mesh, rules, job.logical)
   div = sharding.batch_shards(mesh, rules)
 
@@ -559,10 +604,17 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
       return sharding.batch_sharding(mesh, x.ndim, rules)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  # Parameter trees (frozen models) by logical names; batches over act_batch.
   rest_sh = [sharding.tree_shardings(r, mesh, rules, job.logical)
              if i in job.param_args else jax.tree.map(batch_sh, r)
              for i, r in enumerate(job.rest)]
+  return state_sh, rest_sh
+
+
+def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
+                rules=sharding.DEFAULT_RULES) -> tuple[dict, Any]:
+  """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
+  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
+  state_sh, rest_sh = placements(job, mesh, rules)
   args = [sharding.abstract_with_shardings(job.state, state_sh)] + [
       sharding.abstract_with_shardings(r, s)
       for r, s in zip(job.rest, rest_sh)]
@@ -624,7 +676,7 @@ def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,
   devices, info = topology_devices(topology)
   info["name"] = topology
   batch = batch or info["chips"]
-  job = make_job(config, job_name, batch)
+  job = make_job(config, job_name, batch, _REMAT.value, _RM_CONFIG.value)
   rules = sharding.rules_from_config(config)
   report, compiled = compile_job(job, devices, info, mesh_shape, dcn_shape,
                                  rules)

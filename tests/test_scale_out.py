@@ -123,6 +123,47 @@ def test_hlo_flops_counts_every_loop_iteration():
   assert aot.hlo_flops(compiled.as_text()) == (12 * 3 + 2) * 2 * 32 * 64 * 64
 
 
+def _compiled_flops(job, mesh) -> float:
+  state_sh, rest_sh = aot.placements(job, mesh)
+  args = [sharding.abstract_with_shardings(job.state, state_sh)] + [
+      sharding.abstract_with_shardings(r, s) for r, s in zip(job.rest, rest_sh)]
+  jax.eval_shape(job.fn, job.state, *job.rest)
+  with jax.set_mesh(mesh):
+    return aot.hlo_flops(jax.jit(job.fn).lower(*args).compile().as_text())
+
+
+def test_model_flops_match_the_compiled_step():
+  """The MFU numerator (parameters x the tokens they see + attention) is
+  the compiled step's dot FLOPs when nothing is recomputed: the Flux layout
+  (image / context streams see their own tokens) and the RM."""
+  from configs import generator_shapes, rm_shapes
+  g = generator_shapes.get_config("size=flux_dev")
+  g.image.resolution = 128  # 8 x 8 latent patches + 512 text tokens
+  g.image.model.dit.update(num_layers=1, num_single_layers=1,
+                           num_attention_heads=2, attention_head_dim=32,
+                           axes_dims_rope=(8, 12, 12), joint_attention_dim=64,
+                           pooled_projection_dim=32)
+  mesh = sharding.make_mesh()
+  for job in (aot.make_job(g, "generator", 2, remat="none"),
+              aot.make_job(rm_shapes.get_config("smoke=True"), "rm", 4)):
+    ratio = _compiled_flops(job, mesh) / job.model_flops
+    assert 0.97 < ratio < 1.03, (job.describe, ratio)
+
+
+def test_bench_times_real_updates():
+  from configs import rm_shapes
+  from rd_jax import bench
+  config = rm_shapes.get_config("smoke=True")
+  job = aot.make_job(config, "rm", 4)
+  r = bench.bench(job, sharding.make_mesh(), sharding.DEFAULT_RULES,
+                  steps=2, warmup=1)
+  assert r["final_step"] == 3 and np.isfinite(r["loss"])  # 3 real updates
+  assert r["step_s"] > 0 and r["model_flops"] == job.model_flops
+  assert 0.97 < r["hlo_flops"] / r["model_flops"] < 1.03
+  assert r["mfu"] is None  # no known peak for a CPU
+  assert bench.default_batch(config, "auto", 1) == config.train.batch_size
+
+
 # ---------------------------------------------------------------- subprocesses
 
 
