@@ -17,7 +17,8 @@ program with every loop iteration counted (XLA's own cost_analysis counts a
 loop body once, so a scanned 48-layer stack reads ~48x low; it is kept as
 `xla_cost_flops_per_chip`); `model_flops`: 6 x (matmul parameters x tokens
 + attention) for trained models, 2 x for frozen forward passes (the usual
-MFU numerator: no remat recompute, no embedding gather); `est_step_s`, the
+MFU numerator: no remat recompute, no embedding gather; an MMDiT's
+double-stream weights count with their own stream's tokens); `est_step_s`, the
 roofline step time max(HLO FLOPs / peak, XLA bytes accessed / HBM
 bandwidth), and `est_mfu` = model FLOPs / (chips x peak x est_step_s). That
 is an upper bound (perfect overlap, collectives free), for comparing
@@ -466,19 +467,23 @@ def _dims(s: str) -> list[int]:
 
 
 def _op_flops(rhs: str, shapes: dict[str, list[int]]) -> float:
-  """FLOPs of one dot / convolution instruction (right of ` = `)."""
-  if " dot(" not in rhs and " convolution(" not in rhs:
+  """FLOPs of one dot / convolution / cuBLAS GEMM (GPU) instruction (right
+  of ` = `)."""
+  gemm = '__cublas$' in rhs  # GPU: (result, workspace) = custom-call(a, b)
+  if " dot(" not in rhs and " convolution(" not in rhs and not gemm:
     return 0.0
-  out = _dims(rhs)
+  out = _dims(rhs.lstrip("("))
   n_out = math.prod(out) if out else 1
-  args = re.search(r"(?:dot|convolution)\(([^)]*)\)", rhs)
+  args = re.search(r"(?:dot|convolution|custom-call)\(([^)]*)\)", rhs)
   names = [a.strip().split(" ")[-1].lstrip("%") for a in
            args.group(1).split(",")] if args else []
   dims = [shapes.get(n, []) for n in names]
-  if " dot(" in rhs and dims:
-    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rhs)
-    k = math.prod(dims[0][int(i)] for i in m.group(1).split(",") if i) \
-        if m and dims[0] else 1
+  if (" dot(" in rhs or gemm) and dims:
+    m = re.search(r'lhs_contracting_dim(?:s=\{([\d,]*)\}|ensions":\[([^\]]*)\])',
+                  rhs)
+    idx = [int(i.strip('"')) for i in (m.group(1) or m.group(2)).split(",")
+           if i.strip('"')] if m else []
+    k = math.prod(dims[0][i] for i in idx) if dims[0] else 1
     return 2.0 * n_out * k
   m = re.search(r"dim_labels=(\w+)_(\w+)->", rhs)
   if len(dims) > 1 and dims[0] and dims[1] and m:

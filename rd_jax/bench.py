@@ -6,13 +6,15 @@ throughput and MFU.
       --remat=full --steps=10 --matmul=8192 --out=/tmp/bench_rm1b.json
 
 The step is the one `rd_jax.aot` compiles for a TPU topology (same flags:
---config, --job, --rm_config, --batch, --remat, --mesh, --out; --topology is
-not used; --batch=0, the default, is the trainer's batch), here compiled for and run on the local devices (`jax.devices()`,
-mesh --mesh, default FSDP over all of them) with the real initial state
+--config, --job, --rm_config, --batch, --remat, --mesh, --out, --hlo_out;
+--topology is not used; --batch=0, the default, is the trainer's batch),
+here compiled for and run on the local devices (`jax.devices()`, mesh
+--mesh, default FSDP over all of them) with the real initial state
 (`Job.init`) and a synthetic batch of the right shapes (token ids 0, masks
 True, random images). Prints and writes JSON: `compile_s`; `step_s` (mean
-of --steps timed steps after --warmup untimed ones, one sync at the end:
-the loop is the trainers', whose host never waits for a step); `steps_per_s`;
+of --steps timed steps after --warmup untimed ones, with one sync at the
+end, so the host's dispatch overlaps the device as in the trainers);
+`steps_per_s`;
 `model_flops` and `hlo_flops` per step (rd_jax.aot's two counts: 6 x
 parameters x tokens + attention, and the compiled program's dot FLOPs with
 loop trips, i.e. with remat recompute); `mfu` = model FLOPs / (devices x
@@ -92,9 +94,10 @@ def matmul_tflops(n: int, reps: int = 10) -> float:
 
 
 def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
-          peak: float = 0.0) -> dict:
+          peak: float = 0.0, hlo_out: str = "") -> dict:
   """Compiles `job` for `mesh`, runs warmup + steps updates, returns the
-  report (see the module docstring)."""
+  report (see the module docstring); writes the optimised HLO to
+  `hlo_out` if given."""
   state_sh, rest_sh = aot.placements(job, mesh, rules)
   jax.eval_shape(job.fn, job.state, *job.rest)  # see aot.compile_job
   state, _ = sharding.init_sharded(job.init, mesh, rules, job.logical)
@@ -108,6 +111,9 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
                            state, *rest).compile()
   compile_s = time.perf_counter() - t0
   hlo = aot.hlo_flops(compiled.as_text())
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(compiled.as_text())
   for _ in range(warmup):
     state, metrics = compiled(state, *rest)
   jax.block_until_ready((state, metrics) if warmup else state)
@@ -159,7 +165,7 @@ def main(argv) -> dict:
   batch = FLAGS.batch or default_batch(config, FLAGS.job, mesh.devices.size)
   job = aot.make_job(config, FLAGS.job, batch, FLAGS.remat, FLAGS.rm_config)
   report = bench(job, mesh, sharding.rules_from_config(config), _STEPS.value,
-                 _WARMUP.value, _PEAK.value * 1e12)
+                 _WARMUP.value, _PEAK.value * 1e12, FLAGS.hlo_out)
   report["batch"] = batch
   if _MATMUL.value:
     report["matmul_tflops"] = round(matmul_tflops(_MATMUL.value), 1)

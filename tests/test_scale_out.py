@@ -121,6 +121,16 @@ def test_hlo_flops_counts_every_loop_iteration():
   # 12 scanned matmuls: forward + 2 in the backward pass (inputs, weights);
   # the last matmul's forward value is unused by grad (dead code): 2.
   assert aot.hlo_flops(compiled.as_text()) == (12 * 3 + 2) * 2 * 32 * 64 * 64
+  # XLA:GPU writes most matmuls as cuBLAS calls returning (result,
+  # workspace), with the contracting dims in the backend config.
+  gpu = """ENTRY %main (a: bf16[64,32], b: bf16[32,16]) -> bf16[64,16] {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %custom-call.1 = (bf16[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}
+  ROOT %gte = bf16[64,16]{1,0} get-tuple-element(%custom-call.1), index=0
+}
+"""
+  assert aot.hlo_flops(gpu) == 2 * 64 * 16 * 32
 
 
 def _compiled_flops(job, mesh) -> float:
