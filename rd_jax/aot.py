@@ -358,8 +358,8 @@ def generator_job(config, batch: int, remat: str = "") -> Job:
     flops += 6.0 * batch * txt_len * _kernel_size(state["params"]["text"])
   return Job(fn, state, (data, _abstract_key()), logical, flops,
              remat=st.model.dit.remat, init=init,
-             describe=f"generator SFT {r}px: {batch} samples x {tokens} image + "
-             f"{txt_len} text tokens")
+             describe=f"generator SFT {r}px: {batch} samples x {tokens} "
+             f"image + {txt_len} text tokens")
 
 
 def refl_job(config, rm_config, batch: int, remat: str = "") -> Job:
@@ -399,6 +399,7 @@ def refl_job(config, rm_config, batch: int, remat: str = "") -> Job:
             "step": jnp.zeros((), jnp.int32)}
 
   state = jax.eval_shape(init)
+
   def frozen_init():
     return {"vae": jax.tree.map(lambda x: x.astype(jnp.bfloat16),
                                 vae.init(st.model.vae, jax.random.key(1))),
@@ -479,8 +480,8 @@ def _op_flops(rhs: str, shapes: dict[str, list[int]]) -> float:
            args.group(1).split(",")] if args else []
   dims = [shapes.get(n, []) for n in names]
   if (" dot(" in rhs or gemm) and dims:
-    m = re.search(r'lhs_contracting_dim(?:s=\{([\d,]*)\}|ensions":\[([^\]]*)\])',
-                  rhs)
+    m = re.search(
+        r'lhs_contracting_dim(?:s=\{([\d,]*)\}|ensions":\[([^\]]*)\])', rhs)
     idx = [int(i.strip('"')) for i in (m.group(1) or m.group(2)).split(",")
            if i.strip('"')] if m else []
     k = math.prod(dims[0][i] for i in idx) if dims[0] else 1
