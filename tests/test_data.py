@@ -86,12 +86,14 @@ def test_oracle_attributes_say_which_attribute_is_wrong():
          for sh in world.SHAPES for c in ("red", "blue", "green")]
   imgs = [world.render(s, rng) for s in one]
   assert oracle.attributes(imgs, one) == {
-      "count": 1.0, "shape": 1.0, "color": 1.0, "n_single": 9, "n_color": 9}
+      "count": 1.0, "blank": 0.0, "shape": 1.0, "color": 1.0, "n_single": 9,
+      "n_color": 9}
   # The same renders judged against other colours, then other shapes.
   recolor = [world.Spec("colors", (world.Obj(s.objects[0].shape, "yellow"),))
              for s in one]
   assert oracle.attributes(imgs, recolor) == {
-      "count": 1.0, "shape": 1.0, "color": 0.0, "n_single": 9, "n_color": 9}
+      "count": 1.0, "blank": 0.0, "shape": 1.0, "color": 0.0, "n_single": 9,
+      "n_color": 9}
   reshape = [world.Spec("single_object", (world.Obj(
       world.SHAPES[(world.SHAPES.index(s.objects[0].shape) + 1) % 3]),))
              for s in one]
@@ -103,6 +105,10 @@ def test_oracle_attributes_say_which_attribute_is_wrong():
          for s in one]
   a = oracle.attributes(imgs, two)
   assert (a["count"], a["n_single"]) == (0.0, 0) and np.isnan(a["shape"])
+  # An empty background: a blank sample, counted apart from wrong counts.
+  empty = np.full_like(imgs[0], imgs[0][0, 0])
+  a = oracle.attributes([empty, imgs[0]], one[:2])
+  assert (a["count"], a["blank"]) == (0.5, 0.5)
   with pytest.raises(ValueError, match="attributes\\(\\) judges images"):
     oracle.attributes([imgs[0]], [world.Spec("motion", (world.Obj(
         "circle", "red", direction="left", speed="slowly"),))])

@@ -97,8 +97,8 @@ def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
   for key in ("oracle_t2i", "oracle_t2v", "oracle_i2v", "wall_s"):
     assert 0.0 <= m[key] <= 1.0 or key == "wall_s", (key, m[key])
   assert set(m["oracle_by_category"]) == {"t2i", "t2v", "i2v"}
-  assert set(m["oracle_attributes_t2i"]) == {"count", "shape", "color",
-                                             "n_single", "n_color"}
+  assert set(m["oracle_attributes_t2i"]) == {"count", "blank", "shape",
+                                             "color", "n_single", "n_color"}
   for task in ("t2v", "i2v"):
     assert set(m[f"oracle_motion_{task}"]) == {"tracked", "moving",
                                                "direction", "speed",

@@ -283,22 +283,25 @@ def attributes(samples: Sequence[np.ndarray] | np.ndarray,
                specs: Sequence[world.Spec]) -> dict[str, float]:
   """Which attribute images get wrong, apart from the all-or-nothing verdict:
   `count` = share of images with exactly the spec's number of objects;
-  over one-object specs where one object is found, `shape` = share of the
+  `blank` = share with no object found at all (a failure of its own in
+  the small generators: an empty background); over one-object specs where one object is found, `shape` = share of the
   right shape and `color` = share of the right colour (specs naming one);
   `n_single` / `n_color` = how many such images (the rates are NaN at 0)."""
-  count, shape, color = [], [], []
+  count, blank, shape, color = [], [], [], []
   for img, spec in zip(samples, specs):
     if spec.is_video:
       raise ValueError(f"attributes() judges images; got the video spec "
                        f"{world.prompt(spec)!r}")
     dets, want = detect(img), _expected(spec)
     count.append(len(dets) == len(want))
+    blank.append(not dets)
     if len(want) == 1 and len(dets) == 1:
       shape.append(dets[0].shape == want[0][0])
       if want[0][1] is not None:
         color.append(dets[0].color == want[0][1])
-  return {"count": _rate(count), "shape": _rate(shape), "color": _rate(color),
-          "n_single": len(shape), "n_color": len(color)}
+  return {"count": _rate(count), "blank": _rate(blank), "shape": _rate(shape),
+          "color": _rate(color), "n_single": len(shape),
+          "n_color": len(color)}
 
 
 def motion(videos: Sequence[np.ndarray] | np.ndarray,
