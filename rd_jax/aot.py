@@ -712,9 +712,8 @@ def main(argv) -> dict:
     print(f"\nDOES NOT FIT on {report['topology']}: {need}. "
           f"Try {report['advice']}.", file=sys.stderr)
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      f.write(text)
+    from rd_jax import train_util  # pylint: disable=g-import-not-at-top
+    train_util.write_json(_OUT.value, report)
   return report
 
 

@@ -28,7 +28,6 @@ actually reaches.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from rd_jax import aot, sharding
+from rd_jax import aot, sharding, train_util
 
 FLAGS = aot.FLAGS
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps", flag_values=FLAGS)
@@ -169,13 +168,11 @@ def main(argv) -> dict:
   report["batch"] = batch
   if _MATMUL.value:
     report["matmul_tflops"] = round(matmul_tflops(_MATMUL.value), 1)
-  text = json.dumps(report, indent=2)
-  print(text)
+  print(json.dumps(report, indent=2))
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text)
+    train_util.write_json(FLAGS.out, report)
   return report
+
 
 if __name__ == "__main__":
   main(sys.argv)
