@@ -14,10 +14,10 @@ here compiled for and run on the local devices (`jax.devices()`, mesh
 True, random images). Prints and writes JSON: `compile_s`; `step_s` (mean
 of --steps timed steps after --warmup untimed ones, with one sync at the
 end, so the host's dispatch overlaps the device as in the trainers);
-`steps_per_s`;
-`model_flops` and `hlo_flops` per step (rd_jax.aot's two counts: 6 x
-parameters x tokens + attention, and the compiled program's dot FLOPs with
-loop trips, i.e. with remat recompute); `mfu` = model FLOPs / (devices x
+`steps_per_s`; `model_flops` and `hlo_flops` per step (rd_jax.aot's two
+counts: 6 x parameters x the tokens they see + attention, and the compiled
+program's dot FLOPs with loop trips, i.e. with remat recompute and the
+optimiser's own matmuls); `mfu` = model FLOPs / (devices x
 peak x step_s) and `hfu` the same with HLO FLOPs, against `peak_tflops`
 (the device kind's dense bf16 datasheet peak, --peak_tflops to override,
 none known for CPUs); `peak_gib` (the device allocator's high-water mark,

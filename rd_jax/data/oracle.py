@@ -284,8 +284,9 @@ def attributes(samples: Sequence[np.ndarray] | np.ndarray,
   """Which attribute images get wrong, apart from the all-or-nothing verdict:
   `count` = share of images with exactly the spec's number of objects;
   `blank` = share with no object found at all (a failure of its own in
-  the small generators: an empty background); over one-object specs where one object is found, `shape` = share of the
-  right shape and `color` = share of the right colour (specs naming one);
+  the small generators: an empty background); over one-object specs where
+  one object is found, `shape` = share of the right shape and `color` =
+  share of the right colour (specs naming one);
   `n_single` / `n_color` = how many such images (the rates are NaN at 0)."""
   count, blank, shape, color = [], [], [], []
   for img, spec in zip(samples, specs):
