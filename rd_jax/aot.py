@@ -178,7 +178,7 @@ class Job:
                                                      describe)
 
 
-def _n_params(tree) -> int:
+def n_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
@@ -204,11 +204,11 @@ def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
   multiply-adds (mult = 2 per forward, 6 per forward + backward)."""
   from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
   params = internvl.abstract_params(model_cfg)
-  n_vit = _n_params(params["vision"]) + _n_params(params["projector"])
+  n_vit = n_params(params["vision"]) + n_params(params["projector"])
   # The embedding is a gather and the LM head runs at the few read
   # positions only: neither is a matmul over every token.
   lm = params["language_model"]
-  n_llm = _n_params(lm) - sum(_n_params(lm[k]) for k in ("embed", "lm_head")
+  n_llm = n_params(lm) - sum(n_params(lm[k]) for k in ("embed", "lm_head")
                               if k in lm)
   v, t = model_cfg.vision, model_cfg.text
   vit_tok = (v.image_size // v.patch_size) ** 2 + 1
@@ -287,11 +287,10 @@ def mmdit_flops(params, dit_cfg, img_tokens: int, txt_tokens: int,
   (not counted); attention over the joint sequence in every block."""
   per_sample = ("norm", "time_text_embed")  # modulation linears
   double = params["transformer_blocks"]
-  txt = (_kernel_size(double, per_sample) -
-         _kernel_size(double, per_sample + ("add_", "context")) +
+  img_double = _kernel_size(double, per_sample + ("add_", "context"))
+  txt = (_kernel_size(double, per_sample) - img_double +
          _kernel_size(params.get("context_embedder", {})))
-  img = (_kernel_size(double, per_sample + ("add_", "context")) +
-         _kernel_size(params.get("x_embedder", {})) +
+  img = (img_double + _kernel_size(params.get("x_embedder", {})) +
          _kernel_size(params.get("proj_out", {})))
   single = _kernel_size(params["single_transformer_blocks"], per_sample)
   seq = img_tokens + txt_tokens
@@ -616,29 +615,36 @@ def placements(job: Job, mesh, rules=sharding.DEFAULT_RULES):
   return state_sh, rest_sh
 
 
-def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
-                rules=sharding.DEFAULT_RULES) -> tuple[dict, Any]:
-  """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
-  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
+def compile_step(job: Job, mesh, rules=sharding.DEFAULT_RULES, args=None):
+  """`job.fn` compiled for `mesh`, its state donated and kept in its
+  shardings (`placements`). `args`: the real (state, *rest) arrays to
+  compile for, or None for the abstract ones (job.state, job.rest)."""
   state_sh, rest_sh = placements(job, mesh, rules)
-  args = [sharding.abstract_with_shardings(job.state, state_sh)] + [
-      sharding.abstract_with_shardings(r, s)
-      for r, s in zip(job.rest, rest_sh)]
-  n_chips = mesh.devices.size
-  report = dict(topology=info["name"], chips=n_chips,
-                mesh=dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
-                describe=job.describe,
-                params=_n_params(job.state["params"]))
-  t0 = time.time()
+  if args is None:
+    args = [sharding.abstract_with_shardings(job.state, state_sh)] + [
+        sharding.abstract_with_shardings(r, s)
+        for r, s in zip(job.rest, rest_sh)]
   # Trace once without a mesh first: the models build (and cache) their NNX
   # graph definitions lazily with nnx.eval_shape, which under an active mesh
   # would try to resolve the logical names as mesh axes.
   jax.eval_shape(job.fn, job.state, *job.rest)
+  with jax.set_mesh(mesh):
+    return jax.jit(job.fn, donate_argnums=0,
+                   out_shardings=(state_sh, None)).lower(*args).compile()
+
+
+def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
+                rules=sharding.DEFAULT_RULES) -> tuple[dict, Any]:
+  """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
+  mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
+  n_chips = mesh.devices.size
+  report = dict(topology=info["name"], chips=n_chips,
+                mesh=dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
+                describe=job.describe,
+                params=n_params(job.state["params"]))
+  t0 = time.time()
   try:
-    with jax.set_mesh(mesh):
-      lowered = jax.jit(job.fn, donate_argnums=0,
-                        out_shardings=(state_sh, None)).lower(*args)
-      compiled = lowered.compile()
+    compiled = compile_step(job, mesh, rules)
   except Exception as e:  # pylint: disable=broad-except
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg and "HBM" not in msg:

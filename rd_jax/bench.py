@@ -97,22 +97,19 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
   """Compiles `job` for `mesh`, runs warmup + steps updates, returns the
   report (see the module docstring); writes the optimised HLO to
   `hlo_out` if given."""
-  state_sh, rest_sh = aot.placements(job, mesh, rules)
-  jax.eval_shape(job.fn, job.state, *job.rest)  # see aot.compile_job
+  _, rest_sh = aot.placements(job, mesh, rules)
   state, _ = sharding.init_sharded(job.init, mesh, rules, job.logical)
   rest = [sharding.init_sharded(job.param_init, mesh, rules, job.logical)[0]
           if i in job.param_args else synthetic(r, s, seed=i)
           for i, (r, s) in enumerate(zip(job.rest, rest_sh))]
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(job.fn, donate_argnums=0,
-                       out_shardings=(state_sh, None)).lower(
-                           state, *rest).compile()
+  compiled = aot.compile_step(job, mesh, rules, [state, *rest])
   compile_s = time.perf_counter() - t0
-  hlo = aot.hlo_flops(compiled.as_text())
+  text = compiled.as_text()
+  hlo = aot.hlo_flops(text)
   if hlo_out:
     with open(hlo_out, "w") as f:
-      f.write(compiled.as_text())
+      f.write(text)
   for _ in range(warmup):
     state, metrics = compiled(state, *rest)
   jax.block_until_ready((state, metrics) if warmup else state)
@@ -128,7 +125,7 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
   report = dict(
       device=dev.device_kind, platform=dev.platform, devices=n_dev,
       mesh=dict(mesh.shape), describe=job.describe, remat=job.remat,
-      params=int(sum(x.size for x in jax.tree.leaves(job.state["params"]))),
+      params=aot.n_params(job.state["params"]),
       compile_s=round(compile_s, 1), warmup=warmup, steps=steps,
       step_s=step_s, steps_per_s=1.0 / step_s,
       final_step=int(state["step"]), loss=float(metrics["loss"]),
@@ -137,7 +134,7 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
       peak_tflops=peak / 1e12 or None,
       mfu=(round(job.model_flops / (n_dev * peak * step_s), 4)
            if peak and job.static_loops else None),
-      hfu=(round(hlo * n_dev / (n_dev * peak * step_s), 4)
+      hfu=(round(hlo / (peak * step_s), 4)
            if peak and job.static_loops else None),
       peak_gib=(round(stats["peak_bytes_in_use"] / 2**30, 2)
                 if "peak_bytes_in_use" in stats else None))
