@@ -11,7 +11,7 @@ final_metrics.json. The image model predicts x̂0 (`model.prediction=
 32×32 gives the oracle margin 16×16 lacks (objects are 3-4.5 px across
 there). On 2 CPU cores the image stage is many small steps (batch 8, 4400
 steps, ~0.1 s each): at a fixed CPU budget, 4× more updates beat 4× bigger
-batches by far, and beat a deeper model (README, "Generator"). Muon on
+batches by far, and beat a deeper model (docs/generator.md). Muon on
 the block matrices (`image.optimizer='muon'`, stop 30) reaches
 oracle_t2i 0.20 on 480 held-out prompts where AdamW reached 0.106 in the
 same steps (0.077 for the earlier 16×16 velocity default, 0.058 for
@@ -104,8 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 32×32, x̂0-prediction, noise-heavy training t (train_shift=3 binds
   # colours); image prompts are at most 7 tokens.
   # Muon: 0.20 on 480 held-out prompts against AdamW's 0.106 at the same
-  # 4400 steps (README, "Optimizer"); sampled at CFG 2 that model scores
-  # 0.229 (1.5: 0.202, 2.5: 0.221, 3: 0.202; README, "Sampler settings").
+  # 4400 steps (docs/generator.md, "Stop 30"); sampled at CFG 2 that model scores
+  # 0.229 (1.5: 0.202, 2.5: 0.221, 3: 0.202; docs/generator.md,
+  # "Sampler settings").
   c.image = _stage(resolution=32, steps=4400, batch_size=8, lr=2e-3,
                    optimizer="muon", warmup_steps=100, train_shift=3.0,
                    cfg_scale=2.0, eval_n=480, eval_batch=120)
@@ -116,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the oracle follows 0.62 / 0.57 of the moving objects (T2V / I2V)
   # through the frames, against 0.16 / 0.14 for AdamW predicting v and
   # 0.01 / 0.07 for AdamW with this recipe; their direction is still at
-  # chance (README, Generator, "Videos").
+  # chance (docs/generator.md, "Videos").
   c.video = _stage(frames=8, i2v_prob=0.5, steps=500, batch_size=16,
                    lr=2e-3, optimizer="muon", warmup_steps=100,
                    train_shift=3.0, cfg_scale=2.0, eval_n=60, eval_batch=30)

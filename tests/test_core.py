@@ -60,8 +60,9 @@ def test_metric_writer_events_read_back_in_tensorboard(tmp_path):
   assert [(e.step, e.value) for e in acc.Scalars("eval/acc")] == [(3, 0.25)]
 
 
-# Flags README shows that no config has, on purpose: placeholders, the
-# mistyped-key example, and options of past experiments since removed.
+# Flags README or the lab notes in docs/ show that no config has, on
+# purpose: placeholders, the mistyped-key example, and options of past
+# experiments since removed.
 _README_NOT_KEYS = {"KEY", "key", "trian.steps", "refl.reward_shift",
                     "rm.model.vision.pos_init"}
 
@@ -69,16 +70,18 @@ _README_NOT_KEYS = {"KEY", "key", "trian.steps", "refl.reward_shift",
 def test_every_config_flag_in_readme_is_a_config_key():
   import importlib, pathlib, re  # pylint: disable=g-import-not-at-top,multiple-imports
   root = pathlib.Path(__file__).resolve().parents[1]
+  docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
   flags = set(re.findall(r"--config\.([A-Za-z_][\w.]*\w)",
-                         (root / "README.md").read_text()))
+                         "\n".join(p.read_text() for p in docs)))
   # The keys the CLI accepts as --config.KEY (cli.unknown_config_key).
   known = set().union(*(
       cli._leaf_keys(importlib.import_module(  # pylint: disable=protected-access
           f"configs.{p.stem}").get_config(None))
       for p in sorted((root / "configs").glob("*.py"))))
   missing = sorted(flags - _README_NOT_KEYS - known)
-  assert not missing, f"README documents --config.KEY flags no config has: {missing}"
-  assert len(flags) > 30  # the regex still finds README's flags
+  assert not missing, (f"README or docs/ document --config.KEY flags no "
+                       f"config has: {missing}")
+  assert len(flags) > 30  # the regex still finds the documents' flags
 
 
 def _flat_dims(dims):

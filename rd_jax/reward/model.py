@@ -59,7 +59,7 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   0.08 against ~2 per channel at the ShapesWorld sizes), and an object's
   token carries almost none of its position; with the table it does, and
   the caption VLM names relations above chance, though the pairwise RMs
-  started from it do not gain (README, "Reward models"): off by default.
+  started from it do not gain (docs/reward_models.md): off by default.
   """
   d = rm.model.text.hidden_size
   vlm = internvl.init(rm.model, rng)
