@@ -9,13 +9,14 @@ Default: tiny pixel-space MMDiTs (≈1.9M params each), one for images
 final_metrics.json. The image model predicts x̂0 (`model.prediction=
 'sample'`, JiT): with 48 pixel values per token it beats predicting v, and
 32×32 gives the oracle margin 16×16 lacks (objects are 3-4.5 px across
-there). On 2 CPU cores the image stage is many small steps (batch 8, 4400
+there). On 2 CPU cores the image stage is many small steps (batch 8, 6600
 steps, ~0.1 s each): at a fixed CPU budget, 4× more updates beat 4× bigger
 batches by far, and beat a deeper model (docs/generator.md). Muon on
 the block matrices (`image.optimizer='muon'`, stop 30) reaches
-oracle_t2i 0.20 on 480 held-out prompts where AdamW reached 0.106 in the
-same steps (0.077 for the earlier 16×16 velocity default, 0.058 for
-32×32 velocity).
+oracle_t2i 0.20 on 480 held-out prompts at 4400 steps, where AdamW reached
+0.106 (0.077 for the earlier 16×16 velocity default, 0.058 for 32×32
+velocity); 6600 steps reach 0.315 and 0.325 (seeds 0 and 1, stop 37;
+13 minutes alone, where 4400 would take about 9.5).
 
 Args (`:key=value,...`):
   smoke     a seconds-long run of the same code path (CI).
@@ -106,8 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Muon: 0.20 on 480 held-out prompts against AdamW's 0.106 at the same
   # 4400 steps (docs/generator.md, "Stop 30"); sampled at CFG 2 that model scores
   # 0.229 (1.5: 0.202, 2.5: 0.221, 3: 0.202; docs/generator.md,
-  # "Sampler settings").
-  c.image = _stage(resolution=32, steps=4400, batch_size=8, lr=2e-3,
+  # "Sampler settings"). 6600 steps (stop 37): 0.315 / 0.325 on two seeds,
+  # where 5400 give 0.221 and 13200 0.452 (docs/generator.md, "Stop 37").
+  c.image = _stage(resolution=32, steps=6600, batch_size=8, lr=2e-3,
                    optimizer="muon", warmup_steps=100, train_shift=3.0,
                    cfg_scale=2.0, eval_n=480, eval_batch=120)
   c.image.model = ml_collections.ConfigDict(dict(
