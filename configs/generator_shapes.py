@@ -105,8 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 32×32, x̂0-prediction, noise-heavy training t (train_shift=3 binds
   # colours); image prompts are at most 7 tokens.
   # Muon: 0.20 on 480 held-out prompts against AdamW's 0.106 at the same
-  # 4400 steps (docs/generator.md, "Stop 30"); sampled at CFG 2 that model scores
-  # 0.229 (1.5: 0.202, 2.5: 0.221, 3: 0.202; docs/generator.md,
+  # 4400 steps (docs/generator.md, "Stop 30"); sampled at CFG 2 that model
+  # scores 0.229 (1.5: 0.202, 2.5: 0.221, 3: 0.202; docs/generator.md,
   # "Sampler settings"). 6600 steps (stop 37): 0.315 / 0.325 on two seeds,
   # where 5400 give 0.221 and 13200 0.452 (docs/generator.md, "Stop 37").
   c.image = _stage(resolution=32, steps=6600, batch_size=8, lr=2e-3,

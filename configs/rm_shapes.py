@@ -14,13 +14,14 @@ measured acc_id 0.725, acc_ood 0.691 (1394 s on 2 shared cores; 0.729 /
       --config.data_dir=/tmp/rd_rm_data --workdir=/tmp/rm_default
 
 (quality failures and missing objects are learnt by ~400 steps, the
-prompt-dependent failures only start after ~1000; see docs/reward_models.md). Starting
-from a caption-pretrained VLM (paradigm=caption, then
---config.init_from=ITS_WORKDIR) lifts the pointwise RM from 0.728 / 0.645
-to 0.820 / 0.723, and a pairwise RM started from that pointwise one
-(--config.init_from=ITS_WORKDIR) reaches 0.828 / 0.773; with 4000 caption
-steps, 0.857 / 0.795 and 0.875 / 0.815 (about 22 minutes in all;
-docs/reward_models.md, "VLM pretraining"); with --config.question_first=True in both RM stages
+prompt-dependent failures only start after ~1000; see
+docs/reward_models.md). Starting from a caption-pretrained VLM
+(paradigm=caption, then --config.init_from=ITS_WORKDIR) lifts the
+pointwise RM from 0.728 / 0.645 to 0.820 / 0.723, and a pairwise RM
+started from that pointwise one (--config.init_from=ITS_WORKDIR) reaches
+0.828 / 0.773; with 4000 caption steps, 0.857 / 0.795 and 0.875 / 0.815
+(about 22 minutes in all; docs/reward_models.md, "VLM pretraining"); with
+--config.question_first=True in both RM stages
 (and --config.rm.vision_pos_sincos=4 for the caption VLM), 0.885 / 0.808
 pointwise and 0.871 / 0.832 pairwise, its quality failures thinned to 0.25
 (docs/reward_models.md, "The question before the images").
