@@ -561,6 +561,15 @@ def hlo_flops(hlo_text: str) -> float:
   return sum(comps[n]["flops"] * mult[n] for n in comps)
 
 
+def compiled_flops(compiled, hlo_out: str = "") -> float:
+  """`hlo_flops` of a compiled step, its HLO text rendered once (slow for
+  large programs) and also written to `hlo_out` if given."""
+  text = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(text)
+  return hlo_flops(text)
+
 
 def _gib(x: float) -> float:
   return round(x / 2**30, 3)
@@ -634,8 +643,10 @@ def compile_step(job: Job, mesh, rules=sharding.DEFAULT_RULES, args=None):
 
 
 def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
-                rules=sharding.DEFAULT_RULES) -> tuple[dict, Any]:
-  """AOT-compiles `job` on `devices`; returns (report, compiled or None)."""
+                rules=sharding.DEFAULT_RULES,
+                hlo_out: str = "") -> tuple[dict, Any]:
+  """AOT-compiles `job` on `devices`; returns (report, compiled or None).
+  Writes the optimised HLO to `hlo_out` if given (and it compiled)."""
   mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
   n_chips = mesh.devices.size
   report = dict(topology=info["name"], chips=n_chips,
@@ -660,7 +671,7 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0))
   bytes_acc = float(cost.get("bytes accessed", 0.0))
-  flops = hlo_flops(compiled.as_text())
+  flops = compiled_flops(compiled, hlo_out)
   t_est = max(flops / info["peak"], bytes_acc / info["hbm_bw"])
   report.update(
       argument_gib=_gib(mem.argument_size_in_bytes),
@@ -690,11 +701,8 @@ def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,
   batch = batch or info["chips"]
   job = make_job(config, job_name, batch, _REMAT.value, _RM_CONFIG.value)
   rules = sharding.rules_from_config(config)
-  report, compiled = compile_job(job, devices, info, mesh_shape, dcn_shape,
-                                 rules)
-  if compiled is not None and _HLO_OUT.value:
-    with open(_HLO_OUT.value, "w") as f:
-      f.write(compiled.as_text())
+  report, _ = compile_job(job, devices, info, mesh_shape, dcn_shape, rules,
+                          _HLO_OUT.value)
   report.update(batch=batch, remat=job.remat)
   if not report["fits"]:
     report["advice"] = _advice(report, tuple(report["mesh"].values()))
@@ -708,8 +716,7 @@ def main(argv) -> dict:
   flags.FLAGS.mark_as_parsed()
   report = run(_CONFIG.value, _JOB.value, _TOPOLOGY.value, _ints(_MESH.value),
                _ints(_DCN.value) or None, _BATCH.value)
-  text = json.dumps(report, indent=2)
-  print(text)
+  print(json.dumps(report, indent=2))
   if not report["fits"]:
     hbm = _gib(CHIPS[parse_topology(report["topology"])["kind"]]["hbm"])
     need = (f"{report['total_gib']} GiB per chip > {hbm} GiB HBM"

@@ -105,11 +105,7 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
   t0 = time.perf_counter()
   compiled = aot.compile_step(job, mesh, rules, [state, *rest])
   compile_s = time.perf_counter() - t0
-  text = compiled.as_text()
-  hlo = aot.hlo_flops(text)
-  if hlo_out:
-    with open(hlo_out, "w") as f:
-      f.write(text)
+  hlo = aot.compiled_flops(compiled, hlo_out)
   for _ in range(warmup):
     state, metrics = compiled(state, *rest)
   jax.block_until_ready((state, metrics) if warmup else state)
