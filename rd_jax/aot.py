@@ -51,7 +51,6 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -644,9 +643,9 @@ def compile_step(job: Job, mesh, rules=sharding.DEFAULT_RULES, args=None):
 
 def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
                 rules=sharding.DEFAULT_RULES,
-                hlo_out: str = "") -> tuple[dict, Any]:
-  """AOT-compiles `job` on `devices`; returns (report, compiled or None).
-  Writes the optimised HLO to `hlo_out` if given (and it compiled)."""
+                hlo_out: str = "") -> dict:
+  """AOT-compiles `job` on `devices`; returns its report. Writes the
+  optimised HLO to `hlo_out` if given (and it compiled)."""
   mesh = sharding.make_mesh(mesh_shape, devices, dcn_shape)
   n_chips = mesh.devices.size
   report = dict(topology=info["name"], chips=n_chips,
@@ -662,7 +661,7 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
       raise
     report.update(fits=False, compile_s=round(time.time() - t0, 1),
                   error=msg.splitlines()[0][:400])
-    return report, None
+    return report
   report["compile_s"] = round(time.time() - t0, 1)
   mem = compiled.memory_analysis()
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
@@ -691,7 +690,7 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
     report["note"] = ("a loop runs a data-dependent number of times (ReFL "
                       "samples to a random step k) that the FLOP count "
                       "cannot know, so no MFU is estimated")
-  return report, compiled
+  return report
 
 
 def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,
@@ -701,8 +700,8 @@ def run(config, job_name: str, topology: str, mesh_shape, dcn_shape=None,
   batch = batch or info["chips"]
   job = make_job(config, job_name, batch, _REMAT.value, _RM_CONFIG.value)
   rules = sharding.rules_from_config(config)
-  report, _ = compile_job(job, devices, info, mesh_shape, dcn_shape, rules,
-                          _HLO_OUT.value)
+  report = compile_job(job, devices, info, mesh_shape, dcn_shape, rules,
+                       _HLO_OUT.value)
   report.update(batch=batch, remat=job.remat)
   if not report["fits"]:
     report["advice"] = _advice(report, tuple(report["mesh"].values()))
