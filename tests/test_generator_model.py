@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import generator_shapes
@@ -185,3 +186,51 @@ def test_sample_prediction_makes_the_network_output_the_x0_estimate():
       ValueError, r"unknown model.prediction 'noise'; use one of "
       r"\('velocity', 'sample'\)"):
     generator.velocity(xcfg, params, x, t, cond)
+
+
+def test_first_frame_concat_gives_frame0_on_every_frames_channels():
+  """The widened x_embedder's first rows read x, its last rows frame 0:
+  with either half zeroed the model equals the plain model on x, or on x
+  with every frame replaced by frame 0."""
+  plain = generator_shapes.get_config("smoke").video.model
+  plain.first_frame_concat, plain.prediction = False, "velocity"
+  cat = ml_collections.ConfigDict(plain.to_dict())
+  cat.first_frame_concat = True
+  params = generator.init(cat, jax.random.key(0))
+  params["dit"]["proj_out"]["kernel"] = 0.1 * jax.random.normal(
+      jax.random.key(1), params["dit"]["proj_out"]["kernel"].shape)
+  w = params["dit"]["x_embedder"]["kernel"]
+  n = cat.dit.patch_size ** 2 * cat.dit.channels
+  assert w.shape[0] == 2 * n  # tokens of x's and of frame 0's pixels
+  ids = jnp.array([[3, 4, 5], [6, 4, 7]], jnp.int32)
+  cond = generator.encode_text(cat, params, ids, jnp.ones_like(ids))
+  r = cat.dit.patch_size * 2
+  x = jax.random.normal(jax.random.key(2), (2, 3, r, r, 3))
+  t = jnp.array([0.3, 0.8])
+  first = jnp.broadcast_to(x[:, :1], x.shape)
+
+  def with_rows(keep):
+    """(concat params with the other half zeroed, plain params with keep)."""
+    zeroed = w.at[n:].set(0.0) if keep == "x" else w.at[:n].set(0.0)
+    part = w[:n] if keep == "x" else w[n:]
+    pc = jax.tree.map(lambda a: a, params)
+    pc["dit"]["x_embedder"]["kernel"] = zeroed
+    pp = jax.tree.map(lambda a: a, params)
+    pp["dit"]["x_embedder"]["kernel"] = part
+    return pc, pp
+
+  pc, pp = with_rows("x")
+  np.testing.assert_allclose(generator.velocity(cat, pc, x, t, cond),
+                             generator.velocity(plain, pp, x, t, cond),
+                             atol=1e-5)
+  pc, pp = with_rows("first")
+  v_cat = generator.velocity(cat, pc, x, t, cond)
+  np.testing.assert_allclose(v_cat, generator.velocity(plain, pp, first, t,
+                                                       cond), atol=1e-5)
+  # Not the same as the plain model on x: frame 0 really is what it reads.
+  assert float(jnp.abs(v_cat - generator.velocity(plain, pp, x, t,
+                                                  cond)).max()) > 1e-3
+  img = jax.random.normal(jax.random.key(3), (2, r, r, 3))
+  with pytest.raises(ValueError, match="model.first_frame_concat needs "
+                     r"videos \[B, T, H, W, C\]; got shape \(2, 8, 8, 3\)"):
+    generator.velocity(cat, params, img, t, cond)

@@ -24,25 +24,35 @@ from rd_jax.models import mmdit, text_encoder, vae
 from rd_jax.models.text_encoder import TextCond
 
 
+def dit_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MMDiT's config: `cfg.dit`, with `channels` more input channels
+  when `cfg.first_frame_concat` puts frame 0 on every frame's channels."""
+  if not cfg.get("first_frame_concat"):
+    return cfg.dit
+  dit = ml_collections.ConfigDict(cfg.dit.to_dict())
+  dit.cond_channels = dit.channels
+  return dit
+
+
 def init(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   """{'dit': ..., 'text': ...}; no 'text' when the encoders are external
   (`cfg.text` is None)."""
   k_text, k_dit = jax.random.split(rng)
-  out = {"dit": mmdit.init(cfg.dit, k_dit)}
+  out = {"dit": mmdit.init(dit_config(cfg), k_dit)}
   if cfg.text is not None:
     out["text"] = text_encoder.init(cfg.text, k_text)
   return out
 
 
 def logical_specs(cfg: ml_collections.ConfigDict) -> dict:
-  out = {"dit": mmdit.logical_specs(cfg.dit)}
+  out = {"dit": mmdit.logical_specs(dit_config(cfg))}
   if cfg.text is not None:
     out["text"] = text_encoder.logical_specs(cfg.text)
   return out
 
 
 def param_count(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  out = {"dit": mmdit.param_count(cfg.dit)}
+  out = {"dit": mmdit.param_count(dit_config(cfg))}
   if cfg.text is not None:
     out["text"] = text_encoder.param_count(cfg.text)
   return out
@@ -78,10 +88,22 @@ def velocity(cfg, params: dict, x: jax.Array, t: jax.Array, cond: TextCond,
   `cfg.prediction` says what the MMDiT's output is: 'velocity' (v = ε − x0,
   Flux) or 'sample' (x̂0, converted here to v; JiT, Li & He 2025: a clean
   image is easier to predict than noise when each token carries many
-  pixels, as in pixel space with large patches).
+  pixels, as in pixel space with large patches). `cfg.first_frame_concat`
+  (videos): frame 0 of x is also given on every frame's channels, as
+  Stable Video Diffusion gives its conditioning frame, so each token sees
+  the pixels of the given frame it continues.
   """
-  out = mmdit.apply(cfg.dit, params["dit"], x, t, cond.txt, cond.txt_mask,
-                    cond.pooled, guidance)
+  x_in = x
+  if cfg.get("first_frame_concat"):
+    if x.ndim != 5:
+      raise ValueError(f"model.first_frame_concat needs videos [B, T, H, W, "
+                       f"C]; got shape {x.shape}: set it only on a video "
+                       f"stage's model")
+    # Frame 0 beside every frame: the clean given frame in I2V (sampling
+    # and training hold it there), a noisy one in T2V.
+    x_in = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], x.shape)], -1)
+  out = mmdit.apply(dit_config(cfg), params["dit"], x_in, t, cond.txt,
+                    cond.txt_mask, cond.pooled, guidance)
   prediction = cfg.get("prediction", "velocity")
   if prediction == "velocity":
     return out

@@ -18,6 +18,10 @@ converter maps every diffusers tensor onto exactly one parameter here
 Patchify (`_pack_latents` of the diffusers Flux pipeline) lives here too: a
 p×p patch of C channels becomes one token of p·p·C features ordered (c, y, x),
 so Flux's 16-channel latents with p=2 give its 64 `in_channels`.
+`cond_channels` (default 0) extra input channels per pixel, concatenated to
+the state by the caller, widen only `x_embedder`, as diffusers'
+`in_channels` > `out_channels` do for FLUX.1-Fill (384 in, 64 out); the
+output keeps `channels`.
 
 Video: frames are patchified independently; tokens cover T×(H/p)×(W/p) and
 the first RoPE axis indexes time (images use t=0, as Flux does).
@@ -260,7 +264,8 @@ class MMDiT(nnx.Module):
     self.remat, self.dtype = cfg.remat, cfg.dtype
     d = cfg.num_attention_heads * cfg.attention_head_dim
     feat = cfg.patch_size ** 2 * cfg.channels
-    self.x_embedder = Linear(feat, d, ("patch", "embed"), rngs=rngs)
+    feat_in = cfg.patch_size ** 2 * (cfg.channels + cfg.get("cond_channels", 0))
+    self.x_embedder = Linear(feat_in, d, ("patch", "embed"), rngs=rngs)
     self.context_embedder = Linear(cfg.joint_attention_dim, d,
                                    ("channels", "embed"), rngs=rngs)
     self.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim,
@@ -374,9 +379,10 @@ def logical_specs(cfg) -> dict:
 def apply(cfg, params: dict, x: jax.Array, t: jax.Array, txt: jax.Array,
           txt_mask: jax.Array, pooled: jax.Array,
           guidance: jax.Array | None = None) -> jax.Array:
-  """Velocity v(x_t, t) in the shape of x [B, (T,) H, W, C]."""
+  """Velocity v(x_t, t) [B, (T,) H, W, channels] of x [B, (T,) H, W,
+  channels + cond_channels]."""
   model = nnx.merge(abstract(cfg)[0], params)
   tokens = patchify(x, cfg.patch_size)
   v = model(tokens, position_ids(x.shape, cfg.patch_size), txt, txt_mask,
             pooled, t, guidance)
-  return unpatchify(v, x.shape, cfg.patch_size)
+  return unpatchify(v, x.shape[:-1] + (cfg.channels,), cfg.patch_size)
