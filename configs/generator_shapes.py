@@ -117,9 +117,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dit=_dit(patch_size=4)))
   # Videos: the image recipe with Muon (stop 31), many small steps, and the
   # first frame on every frame's channels (stop 39): I2V objects then move
-  # the asked way (direction 0.79 of 71 tracked, chance 0.25), where
-  # 500 x 16 steps (0.08-0.15) or either change alone (0.15-0.17) stay at
-  # chance; T2V direction stays at chance (docs/generator.md, "Stop 39").
+  # the asked way (direction 0.79 / 0.53 of the tracked ones on seeds 0 /
+  # 1, chance 0.25), where 500 x 16 steps (0.08-0.15) or either change
+  # alone (0.15-0.17) stay at chance; T2V direction stays at chance
+  # (docs/generator.md, "Stop 39").
   c.video = _stage(frames=8, i2v_prob=0.5, steps=4000, batch_size=4,
                    lr=2e-3, optimizer="muon", warmup_steps=100,
                    train_shift=3.0, cfg_scale=2.0, eval_n=60, eval_batch=30)
