@@ -221,6 +221,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                      f"{len(specs)} and be a multiple of the mesh's {rows} "
                      "batch shards")
   per_step = nfe_per_step(st)
+  # train_generator.sample draws text-to-video twice with t2v_two_pass
+  # (plain and Best-of-N; the path search's segments are joint).
+  passes = 2 if task == "t2v" and st.get("t2v_two_pass") else 1
   curves, grids = [], {}
 
   def record(mode, samples, nfe_g, nfe_v, **kw):
@@ -261,8 +264,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                    steps=steps: train_generator.sample(
                        st, p, ids, mask, noise[:, 0],
                        known=known_frames(st, first), steps=steps))
-      record("plain", np.concatenate(over_prompts(fn)), steps * per_step, 0,
-             steps=steps)
+      record("plain", np.concatenate(over_prompts(fn)),
+             passes * steps * per_step, 0, steps=steps)
 
   if "best_of_n" in config.modes:
     fn = jax.jit(lambda p, rp, ids, mask, q, noise, rng, first=None:
@@ -287,7 +290,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                             1)
         nfe_v = 2 * n * (n - 1)
       best = search.gather(pool[:n], search.select(sc, 1))[0]
-      record("best_of_n", best, n * st.sample_steps * per_step, nfe_v, n=n,
+      record("best_of_n", best, passes * n * st.sample_steps * per_step,
+             nfe_v, n=n,
              oracle_pass_at_n=float(right[:n].any(0).mean()))
 
   if "search_over_paths" in config.modes:

@@ -127,15 +127,27 @@ def train_step(st, opt, state: dict, batch: dict, rng: jax.Array):
 
 def sample(st, params, ids, mask, noise, known=None, steps=None):
   """Prompt ids -> samples in model space [B, (T,) R, R, 3], with CFG, in
-  `steps` solver steps (default st.sample_steps; jit this)."""
+  `steps` solver steps (default st.sample_steps; jit this).
+
+  Text-to-video with `st.t2v_two_pass`: the joint sample's frame 0 is then
+  held as an image-to-video first frame and frames 1.. are drawn again from
+  the same noise (Emu Video's text -> image -> video factorisation, one
+  model doing both)."""
   cfg = st.model
   cond = generator.encode_text(cfg, params, ids, mask)
-  x, _ = flow.sample(
-      params, noise, cond,
-      flow.Schedule(steps or st.sample_steps, st.sample_shift, st.solver),
-      velocity_fn=generator.velocity_fn(cfg, guidance=st.get("guidance")),
-      uncond=generator.unconditional(cond), cfg_scale=st.cfg_scale,
-      known=known)
+
+  def run(known):
+    x, _ = flow.sample(
+        params, noise, cond,
+        flow.Schedule(steps or st.sample_steps, st.sample_shift, st.solver),
+        velocity_fn=generator.velocity_fn(cfg, guidance=st.get("guidance")),
+        uncond=generator.unconditional(cond), cfg_scale=st.cfg_scale,
+        known=known)
+    return x
+
+  x = run(known)
+  if st.frames and known is None and st.get("t2v_two_pass"):
+    x = run(i2v_known(st, x[:, 0]))
   return x
 
 

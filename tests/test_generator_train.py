@@ -91,6 +91,34 @@ def test_i2v_mask_excludes_the_given_first_frame_from_the_loss():
   assert float(loss_all) > 1.0
 
 
+def test_two_pass_text_to_video_is_the_i2v_sample_of_its_own_frame_0():
+  """t2v_two_pass: frame 0 is the joint sample's, exactly, and the video is
+  what image-to-video from that frame gives with the same noise; frames
+  1.. are drawn again; image-to-video input is left alone."""
+  st = generator_shapes.get_config("smoke").video
+  st.update(sample_steps=3, t2v_two_pass=False)
+  batch = _batch("video", 2, st.model.text.max_len, frames=st.frames)
+  ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+  params = generator.init(st.model, jax.random.key(0))
+  # Off the zero-initialised AdaLN and output layers, so every input counts.
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [
+      p + 0.1 * jax.random.normal(jax.random.key(i), p.shape)
+      for i, p in enumerate(leaves)])
+  noise = jax.random.normal(jax.random.key(1), generator.sample_shape(st, 2))
+  joint = train_generator.sample(st, params, ids, mask, noise)
+  known = train_generator.i2v_known(st, joint[:, 0])
+  i2v = train_generator.sample(st, params, ids, mask, noise, known)
+  two = copy.deepcopy(st)
+  two.t2v_two_pass = True
+  got = train_generator.sample(two, params, ids, mask, noise)
+  np.testing.assert_array_equal(got[:, 0], joint[:, 0])
+  np.testing.assert_allclose(got, i2v, atol=1e-6)
+  assert float(jnp.abs(got[:, 1:] - joint[:, 1:]).max()) > 1e-3
+  np.testing.assert_array_equal(
+      train_generator.sample(two, params, ids, mask, noise, known), i2v)
+
+
 def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
   cfg, workdir, m = gen_smoke
   cfg = copy.deepcopy(cfg)
@@ -228,6 +256,14 @@ def test_generate_image_to_video_holds_the_given_first_frame(gen_smoke,
     # The other frames are sampled, not copies of the first.
     assert not np.array_equal(strip.reshape(c.eval_n, r, st.frames, r, 3)
                               [:, :, 1], first), mode
+  # Text-to-video in two passes (st.t2v_two_pass, the video default):
+  # twice the plain sampler's generator passes.
+  assert st.t2v_two_pass
+  c.task, c.modes = "t2v", ("plain",)
+  m = generate.run(c, str(tmp_path / "t"), verifier=generate.Verifier(
+      rc, params, tok))
+  assert [(r["mode"], r["nfe_generator"]) for r in m["curves"]] == [
+      ("plain", 2 * c.plain_steps[0] * per_step)]
   c.task = "t2i"
   with pytest.raises(ValueError, match="--config.task=t2i does not fit "
                      "stage 'video', which samples videos; use t2v or i2v"):
