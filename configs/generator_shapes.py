@@ -122,8 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 1, chance 0.25), where 500 x 16 steps (0.08-0.15) or either change
   # alone (0.15-0.17) stay at chance (docs/generator.md, "Stop 39").
   # T2V in two passes (stop 40: the joint sample's frame 0, then I2V from
-  # it) moves the objects the asked way on 3 of 4 models (direction 0.52-
-  # 0.71 against 0.23-0.44 joint; docs/generator.md, "Stop 40").
+  # it) moves the objects the asked way on 3 of 4 seeds (direction 0.52-
+  # 0.61 against 0.20-0.29 joint; docs/generator.md, "Stop 40").
   c.video = _stage(frames=8, i2v_prob=0.5, steps=4000, batch_size=4,
                    lr=2e-3, optimizer="muon", warmup_steps=100,
                    train_shift=3.0, cfg_scale=2.0, eval_n=60, eval_batch=30,
