@@ -221,9 +221,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                      f"{len(specs)} and be a multiple of the mesh's {rows} "
                      "batch shards")
   per_step = nfe_per_step(st)
-  # train_generator.sample draws text-to-video twice with t2v_two_pass
-  # (plain and Best-of-N; the path search's segments are joint).
-  passes = 2 if task == "t2v" and st.get("t2v_two_pass") else 1
+  # Plain and Best-of-N call train_generator.sample (two runs for
+  # text-to-video with t2v_two_pass); the path search's segments are joint.
+  passes = train_generator.sample_passes(st, i2v=task == "i2v")
   curves, grids = [], {}
 
   def record(mode, samples, nfe_g, nfe_v, **kw):

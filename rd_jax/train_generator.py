@@ -125,14 +125,20 @@ def train_step(st, opt, state: dict, batch: dict, rng: jax.Array):
 # ---------------------------------------------------------------- sampling
 
 
+def sample_passes(st, i2v: bool) -> int:
+  """Sampler runs per `sample` call: 2 for text-to-video with
+  `st.t2v_two_pass`, else 1 (generate counts its NFE with this)."""
+  return 2 if st.frames and not i2v and st.get("t2v_two_pass") else 1
+
+
 def sample(st, params, ids, mask, noise, known=None, steps=None):
   """Prompt ids -> samples in model space [B, (T,) R, R, 3], with CFG, in
   `steps` solver steps (default st.sample_steps; jit this).
 
-  Text-to-video with `st.t2v_two_pass`: the joint sample's frame 0 is then
-  held as an image-to-video first frame and frames 1.. are drawn again from
-  the same noise (Emu Video's text -> image -> video factorisation, one
-  model doing both)."""
+  Text-to-video with `st.t2v_two_pass` (sample_passes): the joint sample's
+  frame 0 is then held as an image-to-video first frame and frames 1.. are
+  drawn again from the same noise (Emu Video's text -> image -> video
+  factorisation, one model doing both)."""
   cfg = st.model
   cond = generator.encode_text(cfg, params, ids, mask)
 
@@ -146,7 +152,7 @@ def sample(st, params, ids, mask, noise, known=None, steps=None):
     return x
 
   x = run(known)
-  if st.frames and known is None and st.get("t2v_two_pass"):
+  if sample_passes(st, i2v=known is not None) == 2:
     x = run(i2v_known(st, x[:, 0]))
   return x
 
