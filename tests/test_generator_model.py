@@ -16,6 +16,16 @@ def tiny_cfg():
   return generator_shapes.get_config("smoke").image.model
 
 
+def jittered(params, key, scale: float):
+  """Every leaf plus scale * N(0, 1): generator params off their
+  zero-initialised AdaLN and output layers, so every input and parameter
+  counts."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return tree.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype)
+                         for x, k in zip(leaves, keys)])
+
+
 def test_patchify_round_trip_and_diffusers_pack_order():
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 16))
   tok = mmdit.patchify(x, 2)

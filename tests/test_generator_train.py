@@ -17,6 +17,7 @@ from rd_jax import generate, train_generator, train_rm, train_util
 from rd_jax.data import pipeline, tokenizer, world
 from rd_jax.generation import flow
 from rd_jax.models import generator
+from test_generator_model import jittered
 
 
 def _batch(kind: str, n: int, max_len: int, frames: int = 0):
@@ -99,12 +100,8 @@ def test_two_pass_text_to_video_is_the_i2v_sample_of_its_own_frame_0():
   st.update(sample_steps=3, t2v_two_pass=False)
   batch = _batch("video", 2, st.model.text.max_len, frames=st.frames)
   ids, mask = batch["prompt_ids"], batch["prompt_mask"]
-  params = generator.init(st.model, jax.random.key(0))
-  # Off the zero-initialised AdaLN and output layers, so every input counts.
-  leaves, tree = jax.tree.flatten(params)
-  params = jax.tree.unflatten(tree, [
-      p + 0.1 * jax.random.normal(jax.random.key(i), p.shape)
-      for i, p in enumerate(leaves)])
+  params = jittered(generator.init(st.model, jax.random.key(0)),
+                    jax.random.key(2), 0.1)
   noise = jax.random.normal(jax.random.key(1), generator.sample_shape(st, 2))
   joint = train_generator.sample(st, params, ids, mask, noise)
   known = train_generator.i2v_known(st, joint[:, 0])

@@ -13,6 +13,7 @@ from rd_jax import refl, train_util
 from rd_jax.generation import flow
 from rd_jax.models import generator
 from rd_jax.reward import model as rm_model
+from test_generator_model import jittered
 from test_reward import tiny_question, tiny_rm
 
 B = 2
@@ -32,12 +33,7 @@ def setup(dtype="float32", window=(1, 2)):
   cfg = make_cfg(dtype, window)
   st, rm = cfg.gen, cfg.rm
   k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-  gen = generator.init(st.model, k1)
-  # Off the zero-initialised output layers, so every parameter matters.
-  leaves, tree = jax.tree.flatten(gen)
-  keys = jax.random.split(k2, len(leaves))
-  gen = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                        for x, k in zip(leaves, keys)])
+  gen = jittered(generator.init(st.model, k1), k2, 0.05)
   rmp = rm_model.init(rm, k3)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 20, (B, 6)),
                     jnp.int32)
