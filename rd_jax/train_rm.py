@@ -21,13 +21,25 @@ final_metrics.json:
   position_consistency(_ood)      pairwise: decision survives swapping
   steps, wall_s, train_s, params, first_loss (first step of this
   process), final_loss, skipped_steps (non-finite updates skipped)
+  pretrain                        {paradigm: steps, wall_s, final_loss}
 (paradigm caption: caption_ce_id/_ood, caption_acc_id/_ood instead of the
 preference metrics). config.init_from = another train_rm workdir starts
 from its params (same rm.model; e.g. a caption-pretrained VLM).
+
+Pretraining (config.pretrain; on by default for the pairwise ShapesWorld
+RM): first `caption_steps` of paradigm caption, then `pointwise_steps` of
+the pointwise question, each from the one before, in
+WORKDIR/pretrain/<paradigm> (train_rm workdirs of their own, resumed or
+skipped when done); the run's own paradigm then starts from the last.
+From random weights the pairwise question gives a gradient only to what
+tells image 1 from image 2 and sits on a chance plateau; the dense caption
+loss and the pointwise question first are what lift it
+(docs/reward_models.md).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 
@@ -73,25 +85,92 @@ def make_optimizer(tc) -> optax.GradientTransformation:
                                    kind=tc.optimizer)
 
 
-def from_pretrained(config, state: dict, opt, mesh, rules) -> dict:
-  """`state` with the params of config.init_from (a train_rm workdir, or
-  its checkpoints/STEP) on the mesh, a fresh optimiser state and step 0."""
+def config_diff(theirs, ours, skip=()) -> list[str]:
+  """'key: theirs vs ours' for each flat key (a/b/c) on which two configs
+  (ConfigDicts or dicts) differ, compared as config.json holds them."""
+  theirs, ours = (sharding.flat_paths(json.loads(json.dumps(
+      c.to_dict() if hasattr(c, "to_dict") else c))) for c in (theirs, ours))
+  return [f"{k}: {theirs.get(k)} vs {ours.get(k)}"
+          for k in sorted(set(theirs) | set(ours))
+          if k not in skip and theirs.get(k) != ours.get(k)]
+
+
+def from_pretrained(config, source: str, state: dict, opt, mesh, rules
+                    ) -> dict:
+  """`state` with the params of `source` (a train_rm workdir, or its
+  checkpoints/STEP) on the mesh, a fresh optimiser state and step 0."""
   from rd_jax import eval_rm  # pylint: disable=g-import-not-at-top
-  src, params, step, _ = eval_rm.load(config.init_from, config.data_dir,
-                                      mesh=mesh, rules=rules)
-  theirs, ours = (sharding.flat_paths(c.rm.model.to_dict())
-                  for c in (src, config))
-  diff = [f"{k}: {theirs.get(k)} vs {ours.get(k)}" for k in sorted(
-      set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+  src, params, step, _ = eval_rm.load(source, config.data_dir, mesh=mesh,
+                                      rules=rules)
+  diff = config_diff(src.rm.model, config.rm.model)
   if diff:
     raise ValueError(
-        f"init_from={config.init_from} holds another model than this run's "
+        f"init_from={source} holds another model than this run's "
         f"rm.model (theirs vs ours: {'; '.join(diff)}); pretrain with the "
         "same rm.model, or leave init_from empty to start from random params")
-  logging.info("initialised from %s step %d (%s)", config.init_from, step,
+  logging.info("initialised from %s step %d (%s)", source, step,
                src.paradigm)
   return {"params": params, "opt": jax.jit(opt.init)(params),
           "step": jnp.zeros_like(state["step"])}
+
+
+# (config.pretrain key, paradigm), in the order they run.
+PRETRAIN = (("caption_steps", rm_eval.CAPTION),
+            ("pointwise_steps", "pointwise_generative"))
+
+
+def pretrain_config(config, paradigm: str, steps: int, init_from: str):
+  """One pretraining stage of `config`: the same model, data and optimiser
+  for `steps` steps of `paradigm` from `init_from`, with every training
+  pair kept (thinning helps only a stage that has learnt the failures it
+  thins; docs/reward_models.md, "Thinning the failures learnt early"), no
+  evaluations, and config.pretrain.caption_train's overrides in the
+  caption stage."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.paradigm, c.init_from = paradigm, init_from
+  c.pretrain = {k: 0 for k, _ in PRETRAIN}
+  c.failure_keep = {f: 1.0 for f in c.failure_keep}
+  c.train.steps = steps
+  c.update(eval_every=steps + 1, final_eval_pairs=0)
+  if paradigm == rm_eval.CAPTION:
+    c.train.update(config.pretrain.caption_train)
+  return c
+
+
+def pretrain(config, workdir: str) -> tuple[str, dict]:
+  """Runs config.pretrain's stages, each from the one before (the first
+  from config.init_from), in WORKDIR/pretrain/<paradigm>: train_rm
+  workdirs of their own. A finished stage (its final_metrics.json) is
+  skipped on a rerun, if its config is this run's (else an error names
+  what differs); a stopped one resumes. -> (the workdir the main run
+  starts from, {paradigm: the stage's final metrics}; `preempted`: the
+  stage that was stopped)."""
+  source, out = config.init_from, {}
+  for key, paradigm in PRETRAIN:
+    steps = config.get("pretrain", {}).get(key, 0)
+    if not steps:
+      continue
+    stage = os.path.join(workdir, "pretrain", paradigm)
+    done = os.path.join(stage, "final_metrics.json")
+    want = pretrain_config(config, paradigm, steps, source)
+    if os.path.exists(done):
+      diff = config_diff(train_util.load_config(stage, ""), want,
+                         skip=("data_dir",))
+      if diff:
+        raise ValueError(
+            f"{stage} holds a finished {paradigm} stage run with other "
+            f"settings (theirs vs ours: {'; '.join(diff)}); delete that "
+            "directory to train the stage again, or use another --workdir")
+      logging.info("pretraining %s: done before, skipped", paradigm)
+      with open(done) as f:
+        out[paradigm] = json.load(f)
+    else:
+      logging.info("pretraining %s: %d steps in %s", paradigm, steps, stage)
+      out[paradigm] = train_and_evaluate(want, stage)
+      if out[paradigm].get("preempted"):
+        return source, {**out, "preempted": paradigm}
+    source = stage
+  return source, out
 
 
 def init_state(config, rng: jax.Array) -> tuple[dict, optax.GradientTransformation]:
@@ -282,6 +361,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train_util.prepare_workdir(workdir)
   tok = load_tokenizer(config)
   train_util.save_config(workdir, config)
+  source, pre = pretrain(config, workdir)
+  if "preempted" in pre:
+    return {"preempted": True, "steps": 0}
   writer = train_util.metric_writer(workdir)
   tpi = internvl.tokens_per_image(config.rm.model)
   tc = config.train
@@ -304,8 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                               keep=config.failure_keep.to_dict()))
   ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.ckpt_every)
-  if config.get("init_from") and ckpt.latest_step() is None:
-    state = from_pretrained(config, state, opt, mesh, rules)
+  if source and ckpt.latest_step() is None:
+    state = from_pretrained(config, source, state, opt, mesh, rules)
   step_fn = train_util.jit_step(functools.partial(train_step, config, opt),
                                 mesh, state_sh)
   score_fn = jax.jit(functools.partial(rm_eval.score_pairs, config))
@@ -348,6 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
              skipped_steps=info["skipped"],
              paradigm=config.paradigm, size=config.size,
              wall_s=time.time() - t0)
+  if pre:
+    out["pretrain"] = {k: {m: v[m] for m in ("steps", "wall_s", "final_loss")}
+                       for k, v in pre.items()}
   writer.write_scalars(tc.steps, {f"final/{k}": v for k, v in out.items()
                                   if isinstance(v, float)})
   writer.flush()

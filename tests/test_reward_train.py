@@ -3,6 +3,7 @@ down, held-out pairs beat chance, and eval_rm reads the checkpoint back
 (resuming is tested bit for bit in test_faults.py)."""
 import functools
 import os
+import re
 
 import jax
 import numpy as np
@@ -145,3 +146,46 @@ def test_caption_pretraining_starts_a_reward_model(shapes_tiny, tmp_path):
   bad.rm.model.text.num_layers = 3
   with pytest.raises(ValueError, match="text/num_layers: 2 vs 3"):
     train_rm.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_pretraining_stages_chain_into_the_reward_model(shapes_tiny,
+                                                        tmp_path, caplog):
+  """config.pretrain runs caption then pointwise, each from the one before
+  with every pair kept, then the run's pairwise RM from the pointwise
+  stage's last params (from_pretrained, tested above); a rerun skips the
+  finished stages."""
+  cfg = _config(shapes_tiny, final_eval_pairs=0)
+  cfg.pretrain.update(caption_steps=6, pointwise_steps=3)
+  cfg.pretrain.caption_train.batch_size = 4
+  cfg.failure_keep.blur = 0.25
+  cfg.train.steps = 2
+  workdir = str(tmp_path / "rm")
+  with caplog.at_level("INFO"):
+    out = train_rm.train_and_evaluate(cfg, workdir)
+  assert {k: v["steps"] for k, v in out["pretrain"].items()} == {
+      "caption": 6, "pointwise_generative": 3}
+  stage = functools.partial(os.path.join, workdir, "pretrain")
+  (cap_cfg, cap, _, _), (pw_cfg, pw, _, _) = (
+      eval_rm.load(stage(p)) for p in ("caption", "pointwise_generative"))
+  assert (cap_cfg.paradigm, cap_cfg.init_from) == ("caption", "")
+  assert (cap_cfg.train.batch_size, pw_cfg.train.batch_size) == (4, 8)
+  assert (pw_cfg.paradigm, pw_cfg.init_from) == ("pointwise_generative",
+                                                 stage("caption"))
+  assert cap_cfg.failure_keep.blur == pw_cfg.failure_keep.blur == 1.0
+  assert (f"initialised from {stage('pointwise_generative')} step 3 "
+          "(pointwise_generative)") in caplog.text
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(cap), jax.tree.leaves(pw)))
+  done = [os.stat(os.path.join(stage(p), "final_metrics.json")).st_mtime_ns
+          for p in ("caption", "pointwise_generative")]
+  again = train_rm.train_and_evaluate(cfg, workdir)
+  assert again["pretrain"] == out["pretrain"]
+  assert done == [
+      os.stat(os.path.join(stage(p), "final_metrics.json")).st_mtime_ns
+      for p in ("caption", "pointwise_generative")]
+  cfg.pretrain.pointwise_steps = 5
+  with pytest.raises(ValueError, match=re.escape(
+      f"{stage('pointwise_generative')} holds a finished pointwise_generative"
+      " stage run with other settings (theirs vs ours: eval_every: 4 vs 6; "
+      "train/steps: 3 vs 5); delete that directory")):
+    train_rm.train_and_evaluate(cfg, workdir)
