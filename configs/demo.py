@@ -62,7 +62,9 @@ def get_config(arg=None):
        "max_video": 8 if arg.smoke else 40})
 
   c.generator = generator_shapes.get_config(smoke)
-  c.reward_model = rm_shapes.get_config(smoke)
+  # Without the pairwise RM's pretraining stages (rm_shapes.py `pretrain`),
+  # which would add about five minutes: the shorter budgets below.
+  c.reward_model = rm_shapes.get_config(smoke or "pretrain=False")
   c.verifier = rm_shapes.get_config(
       ",".join(filter(None, [smoke, "paradigm=pointwise_generative"])))
   c.refl = refl_shapes.get_config(smoke)

@@ -4,27 +4,24 @@ r"""RewardDance reward models on ShapesWorld (and the real InternVL2.5 ladder).
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
       --workdir=/tmp/rm_shapes
 
-Default: size=xs, pairwise generative, task instructions, no CoT, 1600
-steps of 16 pairs (both orders), lr 1e-3. Target (issue 4): acc_id >= 0.90
-and acc_ood >= 0.80 within 10 minutes on 2 CPU cores -- NOT reached yet:
-measured acc_id 0.725, acc_ood 0.691 (1394 s on 2 shared cores; 0.729 /
-0.688 in 477 s alone, with the unrolled layer stacks) with
+Default: size=xs, pairwise generative, task instructions, no CoT, in one
+command of three stages (`pretrain`, train_rm "Pretraining"): 1500 steps
+of 64 captions (lr 3e-3), 1200 of the pointwise question, then 1300
+pairwise steps of 16 pairs (both orders), lr 1e-3, the question before
+the images. Target (issue 4): acc_id >= 0.90 and acc_ood >= 0.80 within 10
+minutes on 2 CPU cores -- NOT reached yet: measured 0.785 / 0.729 in 538 s
+alone (stop 41; docs/reward_models.md, "One command") with
 
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
-      --config.data_dir=/tmp/rd_rm_data --workdir=/tmp/rm_default
+      --config.data_dir=/tmp/shapes_data --workdir=/tmp/rm_default
 
-(quality failures and missing objects are learnt by ~400 steps, the
-prompt-dependent failures only start after ~1000; see
-docs/reward_models.md). Starting from a caption-pretrained VLM
-(paradigm=caption, then --config.init_from=ITS_WORKDIR) lifts the
-pointwise RM from 0.728 / 0.645 to 0.820 / 0.723, and a pairwise RM
-started from that pointwise one (--config.init_from=ITS_WORKDIR) reaches
-0.828 / 0.773; with 4000 caption steps, 0.857 / 0.795 and 0.875 / 0.815
-(about 22 minutes in all; docs/reward_models.md, "VLM pretraining"); with
---config.question_first=True in both RM stages
-(and --config.rm.vision_pos_sincos=4 for the caption VLM), 0.885 / 0.808
-pointwise and 0.871 / 0.832 pairwise, its quality failures thinned to 0.25
-(docs/reward_models.md, "The question before the images").
+against 0.729 / 0.688 in 477 s from random weights (`pretrain=False`,
+1600 pairwise steps, the paper's layout; stop 23). From random weights
+the pairwise question sits on a chance plateau; the caption stage's dense
+loss and the pointwise question are what lift it. The longest chain run
+(separate commands, caption 4000 steps, pointwise 1600, pairwise 1600 with
+the quality failures thinned to 0.25) reached 0.871 / 0.832 in over 20
+minutes (docs/reward_models.md, "The question before the images").
 
 Arguments (`--config=configs/rm_shapes.py:key=value,...`):
   size       xs | s | m | l | xl (ShapesWorld ladder: 0.19M, 0.73M, 2.8M,
@@ -37,6 +34,9 @@ Arguments (`--config=configs/rm_shapes.py:key=value,...`):
   cot        none | decision_first | reason_first (rationale LM loss, w_cot)
   instruction  task-aware instructions in the question (default on)
   kind       image | video (8-frame clips, frames as images)
+  pretrain   the pairwise RM's pretraining stages and recipe (default on;
+             off for other paradigms, real sizes and smoke; their steps:
+             --config.pretrain.caption_steps / pointwise_steps, 0 = none)
   smoke      tiny model, few steps, tiny data scale (tests / CI)
 Anything else: `--config.train.steps=...`, `--config.augment.tint=0` etc.
 """
@@ -57,6 +57,8 @@ LADDER = {
     "xl": ((192, 8, 6), (544, 8, 8, 4)),
 }
 REAL_SIZES = ("1b", "2b", "4b", "8b", "26b")
+# config.pretrain's (caption, pointwise) steps for the pairwise RM.
+PRETRAIN_STEPS = (1500, 1200)
 SHAPES_VOCAB = 128  # >= the ShapesWorld tokenizer (120 tokens)
 
 
@@ -79,7 +81,7 @@ def shapes_model(size: str, image_size: int = 64, patch_size: int = 8,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, size="xs", paradigm="pairwise_generative", cot="none",
-                  instruction=True, kind="image", smoke=False)
+                  instruction=True, kind="image", smoke=False, pretrain=True)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data_dir = "/tmp/rd_jax_shapes_data"
@@ -121,6 +123,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       init_scale=1.0 if size in REAL_SIZES else 4.0,
       vision_pos_sincos=0.0,  # >0: 2-D sin-cos start of the ViT positions
       frames=8 if arg.kind == "video" else None))
+  # Pretraining stages before this paradigm, in one command (train_rm,
+  # "Pretraining"): caption_steps of VLM captioning, then pointwise_steps of
+  # the pointwise question, each from the one before; 0 skips a stage. On
+  # for the pairwise ShapesWorld RM (`pretrain=False` turns it off), with
+  # the rest of the recipe measured with it (docs/reward_models.md, "One
+  # command"): 1300 pairwise steps, a 2-D sin-cos start of the ViT
+  # positions and the question before the images.
+  recipe = (arg.pretrain and arg.paradigm == "pairwise_generative"
+            and size in LADDER and not arg.smoke)
+  c.pretrain = ml_collections.ConfigDict(dict(
+      caption_steps=PRETRAIN_STEPS[0] if recipe else 0,
+      pointwise_steps=PRETRAIN_STEPS[1] if recipe else 0,
+      # `train` overrides of the caption stage: its short sequences run
+      # 1.2x more images a second at batch 64 than at 32, and lr 3e-3
+      # fits the captions faster (docs/reward_models.md, "One command")
+      caption_train=dict(batch_size=64, lr=3e-3, warmup_steps=100)))
 
   # Small batches, many steps: from scratch, the pairwise model sits on a
   # chance plateau for a couple of hundred steps (quality failures are
@@ -140,6 +158,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # larger batches, more steps; colour words are read from the pixels
     # by ~500 steps, shapes keep improving to 2000.
     c.train.update(steps=2000, batch_size=32, warmup_steps=100)
+  if recipe:  # the pretraining recipe's pairwise stage (above)
+    c.train.steps = 1300
+    c.rm.vision_pos_sincos = 4.0
+    c.question_first = True
   # Pixel augmentation (same draw for both images of a pair): background
   # tint / brightness on low-saturation pixels, and random zoom-in.
   c.augment = ml_collections.ConfigDict(dict(
