@@ -153,7 +153,7 @@ def test_pretraining_stages_chain_into_the_reward_model(shapes_tiny,
   """config.pretrain runs caption then pointwise, each from the one before
   with every pair kept, then the run's pairwise RM from the pointwise
   stage's last params (from_pretrained, tested above); a rerun skips the
-  finished stages."""
+  finished stages, and refuses one whose settings changed, naming them."""
   cfg = _config(shapes_tiny, final_eval_pairs=0)
   cfg.pretrain.update(caption_steps=6, pointwise_steps=3)
   cfg.pretrain.caption_train.batch_size = 4
