@@ -14,6 +14,8 @@ known key suggested.
 from __future__ import annotations
 
 import difflib
+import json
+from typing import Any
 
 import ml_collections
 
@@ -28,6 +30,25 @@ def _convert(value: str, default):
   if default is None:
     return value
   return type(default)(value)
+
+
+def differences(a, b, skip=()) -> list[tuple[str, Any, Any]]:
+  """(key, a's value, b's value) for each dotted leaf key (`x.y.z`, as in
+  --config.x.y.z) on which two configs -- ConfigDicts or dicts -- differ,
+  compared as config.json holds them (tuples as lists); keys in `skip`
+  are ignored."""
+  def flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+      return {prefix[:-1]: node}
+    out = {}
+    for k, v in node.items():
+      out.update(flat(v, f"{prefix}{k}."))
+    return out
+  fa, fb = (flat(json.loads(json.dumps(
+      c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c)))
+            for c in (a, b))
+  return [(k, fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys())
+          if k not in skip and fa.get(k) != fb.get(k)]
 
 
 def suggest(key: str, known) -> str:

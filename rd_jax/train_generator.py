@@ -33,7 +33,7 @@ import optax
 from absl import logging
 from PIL import Image
 
-from rd_jax import cli, sharding, train_util
+from rd_jax import cli, config_util, sharding, train_util
 from rd_jax.generation import flow
 from rd_jax.models import generator
 
@@ -253,13 +253,12 @@ def check_init_from_stage(config, name: str) -> str | None:
   if src not in stages[:stages.index(name)]:
     raise ValueError(f"{name}.init_from_stage={src!r} must name a stage that "
                      f"runs before {name!r} in config.stages={tuple(stages)}")
-  a, b = (sharding.flat_paths(config[s].model.to_dict()) for s in (src, name))
-  if a != b:
-    diff = sorted(k.replace("/", ".") for k in a.keys() | b.keys()
-                  if a.get(k) != b.get(k))
+  diff = config_util.differences(config[src].model, config[name].model)
+  if diff:
     raise ValueError(
         f"{name}.init_from_stage={src!r} needs {name}.model equal to "
-        f"{src}.model; they differ in {', '.join(diff)}: set them alike, or "
+        f"{src}.model; they differ in {', '.join(k for k, _, _ in diff)}: "
+        "set them alike, or "
         f"--config.{name}.init_from_stage='' to start {name} from scratch")
   return src
 

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rd_jax import cli, sharding, train_util
+from rd_jax import cli, config_util, sharding, train_util
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
 from rd_jax.reward import losses, model, sequences
@@ -85,14 +85,9 @@ def make_optimizer(tc) -> optax.GradientTransformation:
                                    kind=tc.optimizer)
 
 
-def config_diff(theirs, ours, skip=()) -> list[str]:
-  """'key: theirs vs ours' for each flat key (a/b/c) on which two configs
-  (ConfigDicts or dicts) differ, compared as config.json holds them."""
-  theirs, ours = (sharding.flat_paths(json.loads(json.dumps(
-      c.to_dict() if hasattr(c, "to_dict") else c))) for c in (theirs, ours))
-  return [f"{k}: {theirs.get(k)} vs {ours.get(k)}"
-          for k in sorted(set(theirs) | set(ours))
-          if k not in skip and theirs.get(k) != ours.get(k)]
+def _listed(diff) -> str:
+  """config_util.differences as 'key: theirs vs ours; ...'."""
+  return "; ".join(f"{k}: {a} vs {b}" for k, a, b in diff)
 
 
 def from_pretrained(config, source: str, state: dict, opt, mesh, rules
@@ -102,11 +97,11 @@ def from_pretrained(config, source: str, state: dict, opt, mesh, rules
   from rd_jax import eval_rm  # pylint: disable=g-import-not-at-top
   src, params, step, _ = eval_rm.load(source, config.data_dir, mesh=mesh,
                                       rules=rules)
-  diff = config_diff(src.rm.model, config.rm.model)
+  diff = config_util.differences(src.rm.model, config.rm.model)
   if diff:
     raise ValueError(
         f"init_from={source} holds another model than this run's "
-        f"rm.model (theirs vs ours: {'; '.join(diff)}); pretrain with the "
+        f"rm.model (theirs vs ours: {_listed(diff)}); pretrain with the "
         "same rm.model, or leave init_from empty to start from random params")
   logging.info("initialised from %s step %d (%s)", source, step,
                src.paradigm)
@@ -154,12 +149,12 @@ def pretrain(config, workdir: str) -> tuple[str, dict]:
     done = os.path.join(stage, "final_metrics.json")
     want = pretrain_config(config, paradigm, steps, source)
     if os.path.exists(done):
-      diff = config_diff(train_util.load_config(stage, ""), want,
-                         skip=("data_dir",))
+      diff = config_util.differences(train_util.load_config(stage, ""),
+                                     want, skip=("data_dir",))
       if diff:
         raise ValueError(
             f"{stage} holds a finished {paradigm} stage run with other "
-            f"settings (theirs vs ours: {'; '.join(diff)}); delete that "
+            f"settings (theirs vs ours: {_listed(diff)}); delete that "
             "directory to train the stage again, or use another --workdir")
       logging.info("pretraining %s: done before, skipped", paradigm)
       with open(done) as f:

@@ -144,7 +144,7 @@ def test_caption_pretraining_starts_a_reward_model(shapes_tiny, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got, want)
   bad = _config(shapes_tiny, "smoke", init_from=vlm)
   bad.rm.model.text.num_layers = 3
-  with pytest.raises(ValueError, match="text/num_layers: 2 vs 3"):
+  with pytest.raises(ValueError, match="text.num_layers: 2 vs 3"):
     train_rm.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
@@ -187,5 +187,5 @@ def test_pretraining_stages_chain_into_the_reward_model(shapes_tiny,
   with pytest.raises(ValueError, match=re.escape(
       f"{stage('pointwise_generative')} holds a finished pointwise_generative"
       " stage run with other settings (theirs vs ours: eval_every: 4 vs 6; "
-      "train/steps: 3 vs 5); delete that directory")):
+      "train.steps: 3 vs 5); delete that directory")):
     train_rm.train_and_evaluate(cfg, workdir)
