@@ -176,13 +176,13 @@ def test_pretraining_stages_chain_into_the_reward_model(shapes_tiny,
           "(pointwise_generative)") in caplog.text
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(cap), jax.tree.leaves(pw)))
-  done = [os.stat(os.path.join(stage(p), "final_metrics.json")).st_mtime_ns
-          for p in ("caption", "pointwise_generative")]
+  def finished():  # when each stage wrote its final_metrics.json
+    return [os.stat(os.path.join(stage(p), "final_metrics.json")).st_mtime_ns
+            for p in ("caption", "pointwise_generative")]
+  done = finished()
   again = train_rm.train_and_evaluate(cfg, workdir)
   assert again["pretrain"] == out["pretrain"]
-  assert done == [
-      os.stat(os.path.join(stage(p), "final_metrics.json")).st_mtime_ns
-      for p in ("caption", "pointwise_generative")]
+  assert finished() == done
   cfg.pretrain.pointwise_steps = 5
   with pytest.raises(ValueError, match=re.escape(
       f"{stage('pointwise_generative')} holds a finished pointwise_generative"
