@@ -57,6 +57,7 @@ from flax import nnx
 
 from rd_jax import sharding
 from rd_jax.models import llm, vit
+from rd_jax.models.layers import dense
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,9 +139,9 @@ class Projector(nnx.Module):
     """x: [N, P, C] -> [N, P, D]."""
     dt = self.dtype
     x = vit.layer_norm(x, self.norm_scale[...], self.norm_bias[...], self.eps)
-    x = jnp.einsum("npc,cd->npd", x, llm.cast(self.fc1, dt))
+    x = dense(x, llm.cast(self.fc1, dt))
     x = jax.nn.gelu(x + llm.cast(self.fc1_bias, dt), approximate=False)
-    x = jnp.einsum("npc,cd->npd", x, llm.cast(self.fc2, dt))
+    x = dense(x, llm.cast(self.fc2, dt))
     return x + llm.cast(self.fc2_bias, dt)
 
 

@@ -23,7 +23,7 @@ import ml_collections
 from flax import nnx
 
 from rd_jax import sharding
-from rd_jax.models.layers import scan_layers
+from rd_jax.models.layers import dense, scan_layers
 
 _INIT_STD = 0.02  # HF initializer_range; real weights come from the converter.
 
@@ -140,9 +140,9 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, mask):
     """x: [B, T, D] -> [B, T, D]."""
     dt = self.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, cast(self.q, dt))
-    k = jnp.einsum("bsd,dkh->bskh", x, cast(self.k, dt))
-    v = jnp.einsum("bsd,dkh->bskh", x, cast(self.v, dt))
+    q = dense(x, cast(self.q, dt))
+    k = dense(x, cast(self.k, dt))
+    v = dense(x, cast(self.v, dt))
     if hasattr(self, "q_bias"):
       q = q + cast(self.q_bias, dt)
       k = k + cast(self.k_bias, dt)
@@ -150,7 +150,7 @@ class Attention(nnx.Module):
     q = sharding.shard_activation(apply_rope(q, cos, sin),
                                   ("act_batch", "act_len", "act_heads", None))
     k = apply_rope(k, cos, sin)
-    out = jnp.einsum("btnh,nhd->btd", attend(q, k, v, mask), cast(self.o, dt))
+    out = dense(attend(q, k, v, mask), cast(self.o, dt), 2)
     if hasattr(self, "o_bias"):
       out = out + cast(self.o_bias, dt)
     return out
@@ -174,13 +174,13 @@ class MLP(nnx.Module):
   def __call__(self, x):
     """x: [B, T, D] -> [B, T, D]."""
     dt = self.dtype
-    gate = jnp.einsum("btd,df->btf", x, cast(self.gate, dt))
-    up = jnp.einsum("btd,df->btf", x, cast(self.up, dt))
+    gate = dense(x, cast(self.gate, dt))
+    up = dense(x, cast(self.up, dt))
     if hasattr(self, "gate_bias"):
       gate, up = gate + cast(self.gate_bias, dt), up + cast(self.up_bias, dt)
     hidden = sharding.shard_activation(jax.nn.silu(gate) * up,
                                        ("act_batch", "act_len", "act_mlp"))
-    out = jnp.einsum("btf,fd->btd", hidden, cast(self.down, dt))
+    out = dense(hidden, cast(self.down, dt))
     if hasattr(self, "down_bias"):
       out = out + cast(self.down_bias, dt)
     return out

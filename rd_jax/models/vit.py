@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rd_jax import sharding
-from rd_jax.models.layers import scan_layers
+from rd_jax.models.layers import dense, scan_layers
 from rd_jax.models.llm import attend, cast, normal, ones, rms_norm, zeros
 
 
@@ -152,22 +152,22 @@ class VisionLayer(nnx.Module):
     """x: [B, T, D] -> [B, T, D]."""
     dt = self.dtype
     y = self.norm1(x)
-    q = jnp.einsum("btd,dnh->btnh", y, cast(self.q, dt))
-    k = jnp.einsum("btd,dnh->btnh", y, cast(self.k, dt))
-    v = jnp.einsum("btd,dnh->btnh", y, cast(self.v, dt))
+    q = dense(y, cast(self.q, dt))
+    k = dense(y, cast(self.k, dt))
+    v = dense(y, cast(self.v, dt))
     if hasattr(self, "q_bias"):
       q = q + cast(self.q_bias, dt)
       k = k + cast(self.k_bias, dt)
       v = v + cast(self.v_bias, dt)
     if hasattr(self, "q_norm"):
       q, k = self.q_norm(q), self.k_norm(k)
-    att = jnp.einsum("btnh,nhd->btd", attend(q, k, v, None), cast(self.o, dt))
+    att = dense(attend(q, k, v, None), cast(self.o, dt), 2)
     x = x + cast(self.scale1, dt) * (att + cast(self.o_bias, dt))
-    y = jnp.einsum("btd,df->btf", self.norm2(x), cast(self.fc1, dt))
+    y = dense(self.norm2(x), cast(self.fc1, dt))
     y = sharding.shard_activation(
         jax.nn.gelu(y + cast(self.fc1_bias, dt), approximate=False),
         ("act_batch", "act_len", "act_mlp"))
-    y = jnp.einsum("btf,fd->btd", y, cast(self.fc2, dt)) + cast(
+    y = dense(y, cast(self.fc2, dt)) + cast(
         self.fc2_bias, dt)
     x = x + cast(self.scale2, dt) * y
     return sharding.shard_activation(x, ("act_batch", "act_len", "act_embed"))
