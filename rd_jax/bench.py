@@ -23,12 +23,21 @@ peak x step_s) and `hfu` the same with HLO FLOPs, against `peak_tflops`
 none known for CPUs); `peak_gib` (the device allocator's high-water mark,
 where the backend reports one); with --matmul=N, the rate of an N x N x N
 bf16 matmul on one device (`matmul_tflops`), the ceiling this machine
-actually reaches.
+actually reaches. With --profile_top=N, the timed steps run under
+`jax.profiler` and the N compiled ops with the most time per step are
+printed and reported (`profile_top`: [ms per step, op name]); their names
+are those of `--hlo_out`'s HLO.
 """
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -47,6 +56,9 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "peak bf16 TFLOP/s per "
                            flag_values=FLAGS)
 _MATMUL = flags.DEFINE_integer("matmul", 0, "also time an N^3 bf16 matmul "
                                "(0 = no)", flag_values=FLAGS)
+_PROFILE_TOP = flags.DEFINE_integer(
+    "profile_top", 0, "profile the timed steps and report the N ops with "
+    "the most time per step (0 = no profile)", flag_values=FLAGS)
 
 # Dense bf16 datasheet peak per device (jax's device_kind), FLOP/s.
 PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
@@ -92,11 +104,33 @@ def matmul_tflops(n: int, reps: int = 10) -> float:
   return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def top_ops(trace_dir: str, steps: int, n: int) -> list[list]:
+  """The n compiled ops with the most time per step in a jax.profiler
+  trace of `steps` steps (its perfetto JSON): [[ms per step, name], ...].
+  The executor's own spans (its thunk loop, waits) are left out."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"),
+                    recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  total = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if (e.get("ph") == "X" and "dur" in e and not name.startswith("$")
+        and "::" not in name and not name.startswith("Pjit")):
+      total[name] += e["dur"]
+  return [[round(us / steps / 1e3, 3), name]
+          for name, us in total.most_common(n)]
+
+
 def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
-          peak: float = 0.0, hlo_out: str = "") -> dict:
+          peak: float = 0.0, hlo_out: str = "", profile_top: int = 0
+          ) -> dict:
   """Compiles `job` for `mesh`, runs warmup + steps updates, returns the
   report (see the module docstring); writes the optimised HLO to
-  `hlo_out` if given."""
+  `hlo_out` if given; profiles the timed steps if profile_top > 0."""
   _, rest_sh = aot.placements(job, mesh, rules)
   state, _ = sharding.init_sharded(job.init, mesh, rules, job.logical)
   rest = [sharding.init_sharded(job.param_init, mesh, rules, job.logical)[0]
@@ -109,11 +143,16 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
   for _ in range(warmup):
     state, metrics = compiled(state, *rest)
   jax.block_until_ready((state, metrics) if warmup else state)
+  trace_dir = tempfile.mkdtemp(prefix="rd_jax_bench_") if profile_top else ""
+  if trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   t0 = time.perf_counter()
   for _ in range(steps):
     state, metrics = compiled(state, *rest)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
+  if trace_dir:
+    jax.profiler.stop_trace()
   n_dev = mesh.devices.size
   dev = mesh.devices.flat[0]
   peak = peak or PEAK.get(dev.device_kind, 0.0)
@@ -134,6 +173,9 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
            if peak and job.static_loops else None),
       peak_gib=(round(stats["peak_bytes_in_use"] / 2**30, 2)
                 if "peak_bytes_in_use" in stats else None))
+  if trace_dir:
+    report["profile_top"] = top_ops(trace_dir, steps, profile_top)
+    shutil.rmtree(trace_dir, ignore_errors=True)
   return report
 
 
@@ -157,7 +199,8 @@ def main(argv) -> dict:
   batch = FLAGS.batch or default_batch(config, FLAGS.job, mesh.devices.size)
   job = aot.make_job(config, FLAGS.job, batch, FLAGS.remat, FLAGS.rm_config)
   report = bench(job, mesh, sharding.rules_from_config(config), _STEPS.value,
-                 _WARMUP.value, _PEAK.value * 1e12, FLAGS.hlo_out)
+                 _WARMUP.value, _PEAK.value * 1e12, FLAGS.hlo_out,
+                 _PROFILE_TOP.value)
   report["batch"] = batch
   if _MATMUL.value:
     report["matmul_tflops"] = round(matmul_tflops(_MATMUL.value), 1)

@@ -163,3 +163,19 @@ def test_optimizer_errors_name_the_choices():
   opt = train_util.make_optimizer(1e-3, grad_clip=1.0, b2=0.99, kind="muon")
   with pytest.raises(ValueError, match="found no layer-stacked matrix"):
     opt.init({"w": jnp.ones((4, 4))})
+
+
+def test_dense_is_the_einsum_over_its_contracted_axes():
+  from rd_jax.models.layers import dense
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (2, 3, 4, 5))
+  w2 = jax.random.normal(k[1], (4, 5, 6, 7))  # heads x head_dim -> out
+  w1 = jax.random.normal(k[2], (5, 6))
+  np.testing.assert_allclose(dense(x, w2, 2),
+                             jnp.einsum("abij,ijkl->abkl", x, w2),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dense(x, w1), jnp.einsum("abci,ij->abcj", x, w1),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"dense: x \(2, 3, 4, 5\) does not "
+                     r"end in kernel's input axes \(6,\)"):
+    dense(x, w1.T)

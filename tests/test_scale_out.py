@@ -152,14 +152,21 @@ def test_model_flops_match_the_compiled_step():
     assert 0.97 < ratio < 1.03, (job.describe, ratio)
 
 
-def test_bench_times_real_updates():
+def test_bench_times_real_updates(tmp_path):
   from configs import rm_shapes
   from rd_jax import bench
   config = rm_shapes.get_config("smoke=True")
   job = aot.make_job(config, "rm", 4)
+  hlo = tmp_path / "step.hlo"
   r = bench.bench(job, sharding.make_mesh(), sharding.DEFAULT_RULES,
-                  steps=2, warmup=1)
+                  steps=2, warmup=1, hlo_out=str(hlo), profile_top=3)
   assert r["final_step"] == 3 and np.isfinite(r["loss"])  # 3 real updates
+  # the profile names the compiled step's own ops, slowest first
+  top = r["profile_top"]
+  assert len(top) == 3 and [t[0] for t in top] == sorted(
+      (t[0] for t in top), reverse=True) and top[-1][0] > 0
+  text = hlo.read_text()
+  assert all(f"%{name} = " in text for _, name in top), top
   assert r["step_s"] > 0 and r["model_flops"] == job.model_flops
   assert 0.97 < r["hlo_flops"] / r["model_flops"] < 1.03
   assert r["mfu"] is None  # no known peak for a CPU
