@@ -35,6 +35,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -104,10 +105,11 @@ def matmul_tflops(n: int, reps: int = 10) -> float:
   return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def top_ops(trace_dir: str, steps: int, n: int) -> list[list]:
-  """The n compiled ops with the most time per step in a jax.profiler
-  trace of `steps` steps (its perfetto JSON): [[ms per step, name], ...].
-  The executor's own spans (its thunk loop, waits) are left out."""
+def top_ops(trace_dir: str, steps: int, n: int, hlo_text: str
+            ) -> list[list]:
+  """The n ops of the compiled step (instructions of `hlo_text`) with the
+  most time per step in a jax.profiler trace of `steps` steps (its
+  perfetto JSON): [[ms per step, name], ...]."""
   files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"),
                     recursive=True)
   if not files:
@@ -115,12 +117,11 @@ def top_ops(trace_dir: str, steps: int, n: int) -> list[list]:
   with gzip.open(max(files, key=os.path.getmtime)) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
+  ops = set(re.findall(r"%([^\s=]+) = ", hlo_text))
   total = collections.Counter()
   for e in events:
-    name = e.get("name", "")
-    if (e.get("ph") == "X" and "dur" in e and not name.startswith("$")
-        and "::" not in name and not name.startswith("Pjit")):
-      total[name] += e["dur"]
+    if e.get("ph") == "X" and "dur" in e and e.get("name") in ops:
+      total[e["name"]] += e["dur"]
   return [[round(us / steps / 1e3, 3), name]
           for name, us in total.most_common(n)]
 
@@ -174,7 +175,8 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
       peak_gib=(round(stats["peak_bytes_in_use"] / 2**30, 2)
                 if "peak_bytes_in_use" in stats else None))
   if trace_dir:
-    report["profile_top"] = top_ops(trace_dir, steps, profile_top)
+    report["profile_top"] = top_ops(trace_dir, steps, profile_top,
+                                    compiled.as_text())
     shutil.rmtree(trace_dir, ignore_errors=True)
   return report
 
