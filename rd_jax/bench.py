@@ -26,7 +26,8 @@ bf16 matmul on one device (`matmul_tflops`), the ceiling this machine
 actually reaches. With --profile_top=N, the timed steps run under
 `jax.profiler` and the N compiled ops with the most time per step are
 printed and reported (`profile_top`: [ms per step, op name]); their names
-are those of `--hlo_out`'s HLO.
+are those of `--hlo_out`'s HLO, and `step_s` then includes the tracer's
+overhead.
 """
 from __future__ import annotations
 
