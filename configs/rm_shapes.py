@@ -92,10 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cot = arg.cot
   c.w_cot = 0.1         # LM loss weight on rationale tokens
   c.alpha = 0.1         # pointwise generative: weight of the yes/no CE
-  # Max question tokens: the longest ShapesWorld question is 63 (video,
-  # or reason-first CoT; 58 for the image pairs), and every row is padded
-  # to this, so more is compute spent on padding.
-  c.question_len = 64
+  # Max question tokens; every row is padded to it, so more is compute
+  # spent on padding. The longest ShapesWorld questions: images 63 (CoT;
+  # 58 for the default pairs), videos 68 (CoT; 63 without).
+  c.question_len = 64 if arg.kind == "image" else 72
   # Question before the images (image tokens attend to the prompt); the
   # paper's layout, images first, is the default.
   c.question_first = False
