@@ -10,8 +10,8 @@ of 64 captions (lr 3e-3), 1450 of the pointwise question, then 1550
 pairwise steps of 16 pairs (both orders), lr 1e-3, the question before
 the images. Target (issue 4): acc_id >= 0.90 and acc_ood >= 0.80 within 10
 minutes on 2 CPU cores -- NOT reached yet: measured 0.847 / 0.803,
-0.873 / 0.853 and 0.890 / 0.821 (seeds 0-2) in 498-539 s alone (stop
-42: stop 41's chain x1.2, in the time the 2-D matmuls saved;
+0.873 / 0.853, 0.890 / 0.821 and 0.889 / 0.863 (seeds 0-3) in 498-539 s
+(stop 42: stop 41's chain x1.2, in the time the 2-D matmuls saved;
 docs/reward_models.md, "The saved time spent on steps") with
 
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
