@@ -560,14 +560,14 @@ def hlo_flops(hlo_text: str) -> float:
   return sum(comps[n]["flops"] * mult[n] for n in comps)
 
 
-def compiled_flops(compiled, hlo_out: str = "") -> float:
-  """`hlo_flops` of a compiled step, its HLO text rendered once (slow for
-  large programs) and also written to `hlo_out` if given."""
+def compiled_text(compiled, hlo_out: str = "") -> str:
+  """A compiled step's HLO text, rendered once (slow for large programs:
+  keep it for every use) and also written to `hlo_out` if given."""
   text = compiled.as_text()
   if hlo_out:
     with open(hlo_out, "w") as f:
       f.write(text)
-  return hlo_flops(text)
+  return text
 
 
 def _gib(x: float) -> float:
@@ -670,7 +670,7 @@ def compile_job(job: Job, devices, info: dict, mesh_shape, dcn_shape=None,
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0))
   bytes_acc = float(cost.get("bytes accessed", 0.0))
-  flops = compiled_flops(compiled, hlo_out)
+  flops = hlo_flops(compiled_text(compiled, hlo_out))
   t_est = max(flops / info["peak"], bytes_acc / info["hbm_bw"])
   report.update(
       argument_gib=_gib(mem.argument_size_in_bytes),

@@ -141,7 +141,8 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
   t0 = time.perf_counter()
   compiled = aot.compile_step(job, mesh, rules, [state, *rest])
   compile_s = time.perf_counter() - t0
-  hlo = aot.compiled_flops(compiled, hlo_out)
+  hlo_text = aot.compiled_text(compiled, hlo_out)
+  hlo = aot.hlo_flops(hlo_text)
   for _ in range(warmup):
     state, metrics = compiled(state, *rest)
   jax.block_until_ready((state, metrics) if warmup else state)
@@ -176,8 +177,7 @@ def bench(job: aot.Job, mesh, rules, steps: int, warmup: int,
       peak_gib=(round(stats["peak_bytes_in_use"] / 2**30, 2)
                 if "peak_bytes_in_use" in stats else None))
   if trace_dir:
-    report["profile_top"] = top_ops(trace_dir, steps, profile_top,
-                                    compiled.as_text())
+    report["profile_top"] = top_ops(trace_dir, steps, profile_top, hlo_text)
     shutil.rmtree(trace_dir, ignore_errors=True)
   return report
 
