@@ -51,14 +51,15 @@ def _dit(**kw) -> ml_collections.ConfigDict:
               num_attention_heads=4, attention_head_dim=32,
               axes_dims_rope=(8, 12, 12), mlp_ratio=4.0,
               joint_attention_dim=64, pooled_projection_dim=64,
-              guidance_embeds=False, remat="none", dtype="float32")
+              guidance_embeds=False, remat="none", dtype="float32",
+              scan_unroll=1)  # layers per scan iteration (layers.scan_layers)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
 
 def _text(**kw) -> ml_collections.ConfigDict:
   base = dict(vocab_size=128, max_len=24, dim=64, heads=2, layers=2,
-              remat="none")
+              remat="none", scan_unroll=1)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -114,8 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    optimizer="muon", warmup_steps=100, train_shift=3.0,
                    cfg_scale=2.0, eval_n=480, eval_batch=120)
   c.image.model = ml_collections.ConfigDict(dict(
-      space="pixel", prediction="sample", text=_text(max_len=8),
-      dit=_dit(patch_size=4)))
+      space="pixel", prediction="sample", text=_text(max_len=8, scan_unroll=2),
+      dit=_dit(patch_size=4, scan_unroll=2)))
   # Videos: the image recipe with Muon (stop 31), many small steps, and the
   # first frame on every frame's channels (stop 39): I2V objects then move
   # the asked way (direction 0.79 / 0.53 of the tracked ones on seeds 0 /
@@ -130,7 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    t2v_two_pass=True)
   c.video.model = ml_collections.ConfigDict(dict(
       space="pixel", prediction="sample", first_frame_concat=True,
-      text=_text(), dit=_dit(patch_size=4)))
+      text=_text(scan_unroll=2), dit=_dit(patch_size=4, scan_unroll=2)))
 
   if arg.size == "flux_dev":
     c.image.resolution = 1024

@@ -262,6 +262,7 @@ class MMDiT(nnx.Module):
       raise ValueError("num_layers and num_single_layers must be >= 1")
     self.axes_dims_rope = tuple(cfg.axes_dims_rope)
     self.remat, self.dtype = cfg.remat, cfg.dtype
+    self.unroll = cfg.get("scan_unroll", 1)  # layers.scan_layers
     d = cfg.num_attention_heads * cfg.attention_head_dim
     feat = cfg.patch_size ** 2 * cfg.channels
     feat_in = cfg.patch_size ** 2 * (cfg.channels + cfg.get("cond_channels", 0))
@@ -299,12 +300,13 @@ class MMDiT(nnx.Module):
       return sharding.shard_activation(x, act), sharding.shard_activation(
           c, act)
 
-    x, c = scan_layers(double, (x, c), self.transformer_blocks, self.remat)
+    x, c = scan_layers(double, (x, c), self.transformer_blocks, self.remat,
+                       self.unroll)
     h = jnp.concatenate([c, x], 1)
     h = scan_layers(
         lambda b, h: sharding.shard_activation(
             b(h, temb, cos, sin, key_mask), act),
-        h, self.single_transformer_blocks, self.remat)
+        h, self.single_transformer_blocks, self.remat, self.unroll)
     x = h[:, n_txt:]
     scale, shift = self.norm_out(temb)
     return at_least_f32(self.proj_out(modulate(x, shift, scale)))

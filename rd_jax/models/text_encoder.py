@@ -74,6 +74,7 @@ class TextEncoder(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
+    self.unroll = cfg.get("scan_unroll", 1)  # layers.scan_layers
     self.embed = sharding.param(
         0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim)),
         ("vocab", "embed"))
@@ -94,7 +95,8 @@ class TextEncoder(nnx.Module):
     """ids [B, L] int32, mask [B, L] -> TextCond (J = P = dim)."""
     mask = mask.astype(bool)
     x = jnp.take(self.embed[...], ids, axis=0) + self.pos[:ids.shape[1]]
-    x = scan_layers(lambda blk, h: blk(h, mask), x, self.layers, self.remat)
+    x = scan_layers(lambda blk, h: blk(h, mask), x, self.layers, self.remat,
+                    self.unroll)
     x = self.ln_f(x)
     m = mask[..., None].astype(x.dtype)
     pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
