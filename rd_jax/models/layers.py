@@ -115,7 +115,12 @@ def scan_layers(body, carry, stacked: nnx.Module, policy: str,
   def step(c, layer_state):
     return body(nnx.merge(graphdef, layer_state), c), None
 
-  step = jax.checkpoint(step, policy=remat_policy(policy), prevent_cse=False)
+  policy = remat_policy(policy)
+  if policy is not jax.checkpoint_policies.everything_saveable:
+    # Not for 'none': jax.checkpoint would still pass every saved residual
+    # through an identity reduce_precision (jax PR 22244), which XLA:CPU
+    # materialises -- 313 such copies in the RM step.
+    step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
   carry, _ = jax.lax.scan(step, carry, state, unroll=unroll)
   return carry
