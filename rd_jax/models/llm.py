@@ -58,18 +58,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] (True = attend) or
   None. Query head n uses kv head n // G, as HF's `repeat_kv`. Softmax in
   fp32. Returns [B, T, N, H].
+
+  Computed as batched 3-D dots, [B*K, G*T, H] x [B*K, S, H]: the same
+  product as einsum("btkgh,bskh->bkgts"), whose 5-D dots and softmax
+  XLA:CPU ran 1.5x slower forward and backward (the default RM's layer at
+  32 x 128 tokens: 23.5 -> 16 ms; docs/reward_models.md, "Step time").
   """
   b, t, n, h = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k,
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * kv, s, h)  # noqa: E731
+  q = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(
+      b * kv, g * t, h)
+  logits = jnp.einsum("zqh,zsh->zqs", q, heads_first(k),
                       preferred_element_type=jnp.float32) * h ** -0.5
   if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits,
-                       jnp.finfo(jnp.float32).min)
+    keep = jnp.tile(mask, (1, g, 1))[:, None]  # [B, 1, G*T, S]
+    logits = jnp.where(keep, logits.reshape(b, kv, g * t, s),
+                       jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum("zqs,zsh->zqh", probs, heads_first(v))
+  return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, n, h)
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict,
