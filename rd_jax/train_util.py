@@ -416,9 +416,10 @@ def _is_dims(x) -> bool:
 def _as_matrices(x: jax.Array, d) -> tuple[jax.Array, Callable, int, int]:
   """x as [batch, fan_in, fan_out] by its MuonDimensionNumbers d, the map
   back, fan_in and fan_out."""
-  ax = lambda a: tuple(i % x.ndim for i in ((a,) if isinstance(a, int)  # noqa: E731
-                                            else a))
-  red, out = ax(d.reduction_axis), ax(d.output_axis)
+  def axes(a):
+    return tuple(i % x.ndim for i in ((a,) if isinstance(a, int) else a))
+
+  red, out = axes(d.reduction_axis), axes(d.output_axis)
   batch = tuple(i for i in range(x.ndim) if i not in red + out)
   perm = batch + red + out
   size = lambda axes: int(np.prod([x.shape[i] for i in axes]))  # noqa: E731

@@ -67,7 +67,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   b, t, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
   g = n // kv
-  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * kv, s, h)  # noqa: E731
+
+  def heads_first(x):  # [B, S, K, H] -> [B*K, S, H]
+    return x.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
+
   q = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(
       b * kv, g * t, h)
   logits = jnp.einsum("zqh,zsh->zqs", q, heads_first(k),
