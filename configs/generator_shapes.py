@@ -18,7 +18,7 @@ oracle_t2i 0.20 on 480 held-out prompts at 4400 steps, where AdamW reached
 velocity); 6600 steps reach 0.315 and 0.325 (seeds 0 and 1, stop 37;
 13 minutes alone then), and 0.312 in 8:38 alone since stop 43 (Gram
 Newton-Schulz, unrolled stacks: ~0.07 s a step); the whole default,
-images then videos, takes about 17 minutes.
+images then videos, takes 15:34.
 
 Args (`:key=value,...`):
   smoke     a seconds-long run of the same code path (CI).
