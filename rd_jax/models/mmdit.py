@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from rd_jax import sharding
+from rd_jax.models.llm import attend
 from rd_jax.models.layers import (Linear, RMSNorm, at_least_f32, gelu_tanh,
                                   layer_norm, scan_layers)
 
@@ -131,13 +132,10 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, key_mask):
-  """Softmax attention; q,k,v [B, S, H, K], key_mask [B, S] bool."""
-  logits = at_least_f32(jnp.einsum("bshk,bthk->bhst", q, k))
-  logits = logits / math.sqrt(q.shape[-1])
-  # Finite fill: a fully masked row (no text at all) stays well defined.
-  logits = jnp.where(key_mask[:, None, None, :], logits, -1e9)
-  w = jax.nn.softmax(logits, -1).astype(v.dtype)
-  return jnp.einsum("bhst,bthk->bshk", w, v)
+  """Softmax attention; q,k,v [B, S, H, K], key_mask [B, S] bool: the
+  shared `llm.attend` (one kv head per query head) under a key mask."""
+  b, s = key_mask.shape
+  return attend(q, k, v, jnp.broadcast_to(key_mask[:, None, :], (b, s, s)))
 
 
 class Attention(nnx.Module):
