@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from rd_jax import aot, sharding, train_util
+from rd_jax import aot, cli, sharding, train_util
 
 FLAGS = aot.FLAGS
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps", flag_values=FLAGS)
@@ -214,4 +214,5 @@ def main(argv) -> dict:
 
 
 if __name__ == "__main__":
+  cli.tune_malloc()  # the trainers' malloc settings (cli.run)
   main(sys.argv)

@@ -1,5 +1,9 @@
 """Config argument parsing, the mesh / logical-axis rules, the metrics writer,
-the optimiser builder (AdamW / Muon)."""
+the optimiser builder (AdamW / Muon), the entry points' malloc restart."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +25,35 @@ def test_parse_arg_unknown_key_suggests_closest():
                      "mean 'smoke'"):
     config_util.parse_arg("smok", smoke=False, size="tiny")
 
+
+
+def test_malloc_env_adds_the_tunables_once_and_keeps_the_users():
+  user = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "PATH": "/bin"}
+  env = cli.malloc_env(user)
+  tun = env["GLIBC_TUNABLES"].split(":")
+  assert tun[0] == "glibc.malloc.hugetlb=0"  # the user's value stays
+  assert sorted(t.split("=")[0] for t in tun) == sorted(cli.MALLOC_TUNABLES)
+  assert env["PATH"] == "/bin" and "RD_JAX_MALLOC_TUNED" not in user
+  assert cli.malloc_env(env) is None  # restarted once, not again
+  assert cli.malloc_env(dict(user, RD_JAX_TUNE_MALLOC="0")) is None
+
+
+def test_tune_malloc_restarts_the_process_with_the_tunables():
+  code = ("import os; print('start', flush=True); from rd_jax import cli; "
+          "cli.tune_malloc(); print(os.environ.get('GLIBC_TUNABLES'))")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "RD_JAX_MALLOC_TUNED",
+                      "RD_JAX_TUNE_MALLOC")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                       capture_output=True, text=True).stdout.split("\n")
+  # Ran twice (the restart), the second time with every tunable set.
+  assert out[:2] == ["start", "start"], out
+  assert set(out[2].split(":")) == {f"{k}={v}" for k, v in
+                                    cli.MALLOC_TUNABLES.items()}
+  off = subprocess.run([sys.executable, "-c", code],
+                       env=dict(env, RD_JAX_TUNE_MALLOC="0"), check=True,
+                       capture_output=True, text=True).stdout.split("\n")
+  assert off[:2] == ["start", "None"], off
 
 def test_logical_rules_map_and_drop_unused_axes():
   rules = sharding.DEFAULT_RULES
