@@ -27,7 +27,9 @@ actually reaches. With --profile_top=N, the timed steps run under
 `jax.profiler` and the N compiled ops with the most time per step are
 printed and reported (`profile_top`: [ms per step, op name]); their names
 are those of `--hlo_out`'s HLO, and `step_s` then includes the tracer's
-overhead.
+overhead. Like the trainers, it restarts itself once with glibc malloc
+tunables (`cli.tune_malloc`; `RD_JAX_TUNE_MALLOC=0` times glibc's
+defaults).
 """
 from __future__ import annotations
 
