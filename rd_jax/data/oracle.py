@@ -22,6 +22,7 @@ How it sees (all at 64x64; other sizes are resized first):
 """
 from __future__ import annotations
 
+import collections
 import colorsys
 import dataclasses
 from typing import Sequence
@@ -238,7 +239,7 @@ def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
     if tracked is None:
       return False, f"no {o.color} object in most frames"
     velocity, shapes = tracked
-    if max(set(shapes), key=shapes.count) != o.shape:
+    if majority(shapes) != o.shape:
       return False, f"the {o.color} object is not a {o.shape}"
     direction, speed = _moves(velocity, o)
     if not direction:
@@ -247,6 +248,13 @@ def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
       return False, f"the {o.shape} does not move {o.speed}"
   return True, "ok"
 
+
+
+def majority(labels: Sequence[str]) -> str:
+  """The most frequent label; a tie goes to the one seen first. (Not
+  max(set(labels), ...): a set's order of strings changes with each
+  process's hash seed, and so did tied verdicts.)"""
+  return collections.Counter(labels).most_common(1)[0][0]
 
 def judge(sample: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   """(correct, reason) for an image [H,W,3] or a video [T,H,W,3]."""
