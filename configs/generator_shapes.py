@@ -9,16 +9,17 @@ Default: tiny pixel-space MMDiTs (≈1.9M params each), one for images
 final_metrics.json. The image model predicts x̂0 (`model.prediction=
 'sample'`, JiT): with 48 pixel values per token it beats predicting v, and
 32×32 gives the oracle margin 16×16 lacks (objects are 3-4.5 px across
-there). On 2 CPU cores the image stage is many small steps (batch 8, 6600
+there). On 2 CPU cores the image stage is many small steps (batch 8, 8000
 steps): at a fixed CPU budget, 4× more updates beat 4× bigger
 batches by far, and beat a deeper model (docs/generator.md). Muon on
 the block matrices (`image.optimizer='muon'`, stop 30) reaches
 oracle_t2i 0.20 on 480 held-out prompts at 4400 steps, where AdamW reached
 0.106 (0.077 for the earlier 16×16 velocity default, 0.058 for 32×32
 velocity); 6600 steps reach 0.315 and 0.325 (seeds 0 and 1, stop 37;
-13 minutes alone then), and 0.312 in 8:38 alone since stop 43 (Gram
-Newton-Schulz, unrolled stacks: ~0.07 s a step); the whole default,
-images then videos, takes 15:34.
+13 minutes alone then), 0.279-0.312 at later float orders; 8000 steps
+0.323 in 8:44 alone since stop 44 (Gram Newton-Schulz, unrolled stacks,
+glibc malloc tunables: ~0.06 s a step); the whole default, images then
+videos, takes 14:04.
 
 Args (`:key=value,...`):
   smoke     a seconds-long run of the same code path (CI).
