@@ -10,7 +10,7 @@ of 64 captions (lr 3e-3), 1450 of the pointwise question, then 2100
 pairwise steps of 16 pairs (both orders; 1550 before stop 44), lr 1e-3,
 the question before the images. Target (issue 4): acc_id >= 0.90 and
 acc_ood >= 0.80 within 10 minutes on 2 CPU cores -- met by one seed, not
-by the recipe: since stop 44 0.861 / 0.796 (seed 0, ALONE_S0 alone),
+by the recipe: since stop 44 0.861 / 0.796 (seed 0, 479 s alone),
 0.917 / 0.861, 0.8875 / 0.856 and 0.877 / 0.852 (seeds 1-3; mean 0.886 /
 0.841; docs/reward_models.md, "The malloc tunables' time spent on
 pairwise steps"); with 1550 pairwise steps at stop 43's step 0.835 /
