@@ -249,12 +249,12 @@ def judge_video(video: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   return True, "ok"
 
 
-
 def majority(labels: Sequence[str]) -> str:
   """The most frequent label; a tie goes to the one seen first. (Not
   max(set(labels), ...): a set's order of strings changes with each
   process's hash seed, and so did tied verdicts.)"""
   return collections.Counter(labels).most_common(1)[0][0]
+
 
 def judge(sample: np.ndarray, spec: world.Spec) -> tuple[bool, str]:
   """(correct, reason) for an image [H,W,3] or a video [T,H,W,3]."""
