@@ -26,7 +26,6 @@ def test_parse_arg_unknown_key_suggests_closest():
     config_util.parse_arg("smok", smoke=False, size="tiny")
 
 
-
 def test_malloc_env_adds_the_tunables_once_and_keeps_the_users():
   user = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "PATH": "/bin"}
   env = cli.malloc_env(user)
@@ -54,6 +53,7 @@ def test_tune_malloc_restarts_the_process_with_the_tunables():
                        env=dict(env, RD_JAX_TUNE_MALLOC="0"), check=True,
                        capture_output=True, text=True).stdout.split("\n")
   assert off[:2] == ["start", "None"], off
+
 
 def test_logical_rules_map_and_drop_unused_axes():
   rules = sharding.DEFAULT_RULES
