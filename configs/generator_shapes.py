@@ -100,6 +100,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data_scale = "default"  # ShapesWorld size: default | small | tiny
   c.on_corrupt = "fail"  # a corrupt data record: "fail" or "skip" (counted)
   c.stages = ("image", "video")
+  # CPU: stages that start from scratch train at the same time, each in a
+  # process of its own (train_generator.stages_side_by_side); off, or on
+  # an accelerator, they run one after another.
+  c.parallel_stages = True
   c.log_every = 50
   c.ckpt_every = 200
   # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.

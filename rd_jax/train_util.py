@@ -11,12 +11,17 @@ from __future__ import annotations
 import collections
 import glob
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import socket
 import struct
+import sys
+import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
 import jax
@@ -747,3 +752,70 @@ def train_loop(state: dict, step_fn: Callable, data: Iterator, *,
     log.close()
     watch.close()
   return state, info
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _job(conn, verbosity: int, fn: Callable, args: tuple) -> None:
+  """A run_in_processes job: sends (True, fn(*args)) or (False, traceback)."""
+  logging.use_absl_handler()  # a spawned process: absl parsed no flags
+  logging.set_verbosity(verbosity)
+  try:
+    conn.send((True, fn(*args)))
+  except BaseException:  # pylint: disable=broad-except
+    conn.send((False, traceback.format_exc()))
+    sys.exit(1)
+  finally:
+    conn.close()
+
+
+def run_in_processes(fn: Callable, jobs: dict[str, tuple]) -> dict[str, Any]:
+  """{name: fn(*args)} for jobs {name: args}, run side by side, each in a
+  new (spawned) Python process: `fn` must be importable, args and results
+  picklable. SIGTERM to this process is passed to every job (a train_loop
+  saves and returns preempted); a job that fails stops the others the same
+  way, and its traceback is raised here (RuntimeError)."""
+  ctx = multiprocessing.get_context("spawn")
+  procs, names = {}, {}
+  for name, args in jobs.items():
+    recv, send = ctx.Pipe(duplex=False)
+    procs[name] = ctx.Process(target=_job, name=name, args=(
+        send, logging.get_verbosity(), fn, args))
+    procs[name].start()
+    send.close()
+    names[recv] = name
+
+  def stop(*_):
+    for p in procs.values():
+      if p.is_alive():
+        p.terminate()  # SIGTERM
+
+  prev = None
+  if threading.current_thread() is threading.main_thread():
+    prev = signal.signal(signal.SIGTERM, stop)
+  out, failed = {}, None
+  try:
+    while names:
+      for conn in multiprocessing.connection.wait(list(names)):
+        name = names.pop(conn)
+        try:
+          ok, value = conn.recv()
+        except EOFError:
+          procs[name].join()
+          ok, value = False, (f"its process ended (exit code "
+                              f"{procs[name].exitcode}) before it returned")
+        if ok:
+          out[name] = value
+        elif failed is None:
+          failed = (name, value)
+          stop()
+  finally:
+    for p in procs.values():
+      p.join()
+    if prev is not None:
+      signal.signal(signal.SIGTERM, prev)
+  if failed:
+    raise RuntimeError(f"{failed[0]} failed in its own process (run_in_"
+                       f"processes); its error:\n{failed[1]}")
+  return out

@@ -272,3 +272,39 @@ def test_dense_is_the_einsum_over_its_contracted_axes():
   with pytest.raises(ValueError, match=r"dense: x \(2, 3, 4, 5\) does not "
                      r"end in kernel's input axes \(6,\)"):
     dense(x, w1.T)
+
+
+def test_run_in_processes_runs_each_job_in_a_new_process():
+  from rd_jax import train_util
+  pids = train_util.run_in_processes(os.getpid, {"a": (), "b": ()})
+  assert set(pids) == {"a", "b"}
+  assert len({pids["a"], pids["b"], os.getpid()}) == 3, pids
+
+
+def test_run_in_processes_raises_a_jobs_error_with_its_name():
+  from rd_jax import train_util
+  with pytest.raises(RuntimeError, match=(
+      r"(?s)b failed in its own process \(run_in_processes\); its error:\n"
+      r"Traceback.*ValueError: invalid literal for int\(\) with base 10: "
+      r"'x'")):
+    train_util.run_in_processes(int, {"a": ("7",), "b": ("x",)})
+
+
+def test_run_in_processes_passes_sigterm_to_its_jobs():
+  """SIGTERM to the parent reaches the job (a 60 s sleep, which SIGTERM
+  ends at once), and the parent itself lives on to report it."""
+  import signal
+  import threading
+  import time
+  from rd_jax import train_util
+  before = signal.getsignal(signal.SIGTERM)
+  timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
+  t0 = time.time()
+  timer.start()
+  with pytest.raises(RuntimeError, match=(
+      r"a failed in its own process \(run_in_processes\); its error:\n"
+      r"its process ended \(exit code -15\) before it returned")):
+    train_util.run_in_processes(time.sleep, {"a": (60,)})
+  timer.join()
+  assert time.time() - t0 < 30
+  assert signal.getsignal(signal.SIGTERM) is before

@@ -143,6 +143,21 @@ def test_smoke_run_writes_metrics_samples_and_resumes(gen_smoke):
   assert np.isfinite(m2["final_loss_image"])
 
 
+def test_stages_side_by_side_give_what_one_after_another_gives(gen_smoke,
+                                                               tmp_path):
+  """The main job's smoke generator trained its two stages side by side,
+  each in its own process (config.parallel_stages); one after another in
+  this process, the same config gives the same losses and oracle figures."""
+  cfg, _, m = gen_smoke
+  assert train_generator.stages_side_by_side(cfg, {"image": None,
+                                                   "video": None})
+  cfg = copy.deepcopy(cfg)
+  cfg.parallel_stages = False
+  seq = train_generator.train_and_evaluate(cfg, str(tmp_path))
+  for key in ("final_loss_image", "final_loss_video", "oracle_by_category"):
+    assert seq[key] == m[key], key
+
+
 def test_a_stage_starts_from_the_params_it_is_given(gen_smoke, tmp_path):
   """train_stage(init_params=the image stage's EMA) starts there (0 steps:
   its EMA is exactly them); without, from a fresh init. The second stage
@@ -174,6 +189,9 @@ def test_init_from_stage_needs_an_earlier_stage_with_the_same_model():
   cfg.video.model = copy.deepcopy(cfg.image.model)
   cfg.video.init_from_stage = "image"
   assert train_generator.check_init_from_stage(cfg, "video") == "image"
+  # A stage that starts from another waits for it.
+  assert not train_generator.stages_side_by_side(cfg, {"image": None,
+                                                       "video": "image"})
   bad = copy.deepcopy(cfg)
   bad.video.model.dit.patch_size = 2
   with pytest.raises(ValueError, match=(
