@@ -1,4 +1,4 @@
-r"""Flow-matching generator SFT on ShapesWorld (T2I, then T2V + I2V).
+r"""Flow-matching generator SFT on ShapesWorld (T2I beside T2V + I2V).
 
   python -m rd_jax.train_generator --config=configs/generator_shapes.py \
       --workdir=/tmp/gen_shapes
@@ -9,7 +9,7 @@ Default: tiny pixel-space MMDiTs (≈1.9M params each), one for images
 final_metrics.json. The image model predicts x̂0 (`model.prediction=
 'sample'`, JiT): with 48 pixel values per token it beats predicting v, and
 32×32 gives the oracle margin 16×16 lacks (objects are 3-4.5 px across
-there). On 2 CPU cores the image stage is many small steps (batch 8, 8000
+there). On 2 CPU cores the image stage is many small steps (batch 8, 6000
 steps): at a fixed CPU budget, 4× more updates beat 4× bigger
 batches by far, and beat a deeper model (docs/generator.md). Muon on
 the block matrices (`image.optimizer='muon'`, stop 30) reaches
@@ -17,9 +17,11 @@ oracle_t2i 0.20 on 480 held-out prompts at 4400 steps, where AdamW reached
 0.106 (0.077 for the earlier 16×16 velocity default, 0.058 for 32×32
 velocity); 6600 steps reach 0.315 and 0.325 (seeds 0 and 1, stop 37;
 13 minutes alone then), 0.279-0.312 at later float orders; 8000 steps
-0.323 in 8:44 alone since stop 44 (Gram Newton-Schulz, unrolled stacks,
-glibc malloc tunables: ~0.06 s a step); the whole default, images then
-videos, takes 14:04.
+0.323 in 8:44 alone at stop 44 (Gram Newton-Schulz, unrolled stacks,
+glibc malloc tunables: ~0.06 s a step), when the whole default, images
+then videos, took 14:04. Since stop 45 the two stages train side by side
+(`parallel_stages`), 6000 image and 3000 video steps: oracle_t2i 0.2875,
+I2V direction 0.67, T2V 0.54, in 9:38 for the whole default alone.
 
 Args (`:key=value,...`):
   smoke     a seconds-long run of the same code path (CI).
@@ -105,7 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # an accelerator, they run one after another.
   c.parallel_stages = True
   c.log_every = 50
-  c.ckpt_every = 200
+  # Orbax saves cost ~2 % of the image stage's steps/s at every 200 (stop
+  # 44); a SIGTERM still saves the step it stops at.
+  c.ckpt_every = 500
   # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.num_grid = 16  # samples per PNG grid / GIF strip
@@ -118,9 +122,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # scores 0.229 (1.5: 0.202, 2.5: 0.221, 3: 0.202; docs/generator.md,
   # "Sampler settings"). 6600 steps (stop 37): 0.315 / 0.325 on two seeds,
   # where 5400 give 0.221 and 13200 0.452 (docs/generator.md, "Stop 37");
-  # 8000 since stop 44 (0.323 against 6600's 0.279 at the same float
-  # order), in the time the malloc tunables saved.
-  c.image = _stage(resolution=32, steps=8000, batch_size=8, lr=2e-3,
+  # 8000 at stop 44 (0.323 against 6600's 0.279 at the same float order);
+  # 6000 since stop 45, beside the video stage, to fit both stages in ten
+  # minutes (0.2875; 6400: 0.300, 7000: 0.300; docs/generator.md,
+  # "Stop 45").
+  c.image = _stage(resolution=32, steps=6000, batch_size=8, lr=2e-3,
                    optimizer="muon", warmup_steps=100, train_shift=3.0,
                    cfg_scale=2.0, eval_n=480, eval_batch=120)
   c.image.model = ml_collections.ConfigDict(dict(
@@ -134,7 +140,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # T2V in two passes (stop 40: the joint sample's frame 0, then I2V from
   # it) moves the objects the asked way on 3 of 4 seeds (direction 0.52-
   # 0.61 against 0.20-0.29 joint; docs/generator.md, "Stop 40").
-  c.video = _stage(frames=8, i2v_prob=0.5, steps=4000, batch_size=4,
+  # 3000 steps since stop 45 (I2V / T2V direction 0.67 / 0.54; 4000: 0.82
+  # / 0.65; 2600: 0.59 / 0.40; 2200: 0.35 / 0.08, docs/generator.md,
+  # "Stop 45").
+  c.video = _stage(frames=8, i2v_prob=0.5, steps=3000, batch_size=4,
                    lr=2e-3, optimizer="muon", warmup_steps=100,
                    train_shift=3.0, cfg_scale=2.0, eval_n=60, eval_batch=30,
                    t2v_two_pass=True)
