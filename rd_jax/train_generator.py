@@ -354,9 +354,16 @@ def stages_side_by_side(config, sources: dict) -> bool:
   return bool(config.get("parallel_stages", False)
               and len(config.stages) > 1
               and not any(sources.values())
-              and (os.cpu_count() or 1) > 1
+              and _cores() > 1
               and jax.process_count() == 1
               and jax.default_backend() == "cpu")
+
+
+def _cores() -> int:
+  """CPU cores this process may run on (its affinity mask, e.g. taskset)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def _stage_process(config, name: str, workdir: str) -> dict:

@@ -158,6 +158,24 @@ def test_stages_side_by_side_give_what_one_after_another_gives(gen_smoke,
     assert seq[key] == m[key], key
 
 
+def test_stages_go_one_after_another_on_one_core_or_when_asked(
+    monkeypatch):
+  cfg = generator_shapes.get_config("smoke")
+  free = {"image": None, "video": None}
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1},
+                      raising=False)
+  assert train_generator.stages_side_by_side(cfg, free)
+  cfg.stages = ("image",)
+  assert not train_generator.stages_side_by_side(cfg, {"image": None})
+  cfg.stages = ("image", "video")
+  cfg.parallel_stages = False
+  assert not train_generator.stages_side_by_side(cfg, free)
+  cfg.parallel_stages = True
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0},
+                      raising=False)  # e.g. taskset -c 0
+  assert not train_generator.stages_side_by_side(cfg, free)
+
+
 def test_a_stage_starts_from_the_params_it_is_given(gen_smoke, tmp_path):
   """train_stage(init_params=the image stage's EMA) starts there (0 steps:
   its EMA is exactly them); without, from a fresh init. The second stage
