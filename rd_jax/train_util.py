@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
 # ---------------------------------------------------------------- files
@@ -759,7 +759,9 @@ def train_loop(state: dict, step_fn: Callable, data: Iterator, *,
 
 def _job(conn, verbosity: int, fn: Callable, args: tuple) -> None:
   """A run_in_processes job: sends (True, fn(*args)) or (False, traceback)."""
-  logging.use_absl_handler()  # a spawned process: absl parsed no flags
+  # A spawned process: absl parsed no flags here (the parent did).
+  flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
   logging.set_verbosity(verbosity)
   try:
     conn.send((True, fn(*args)))
