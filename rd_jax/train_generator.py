@@ -366,10 +366,10 @@ def _cores() -> int:
   return os.cpu_count() or 1
 
 
-def _stage_process(config, name: str, workdir: str) -> dict:
-  """train_stage in a process of its own (run_in_processes): its metrics
-  (the EMA params stay in its checkpoint)."""
-  tok = prepare_data(config.data_dir, config.data_scale)
+def _stage_process(config, name: str, tok, workdir: str) -> dict:
+  """train_stage in a process of its own (run_in_processes; `tok` is the
+  parent's tokenizer, pickled): its metrics (the EMA params stay in its
+  checkpoint)."""
   writer = train_util.metric_writer(workdir)
   try:
     return train_stage(config, name, tok, workdir, writer)[0]
@@ -398,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("stages %s train side by side, each in its own process "
                  "(config.parallel_stages)", tuple(config.stages))
     side_by_side = train_util.run_in_processes(
-        _stage_process, {n: (config, n, workdir) for n in config.stages})
+        _stage_process, {n: (config, n, tok, workdir) for n in config.stages})
   ema = {}  # final EMA params of the stages another one starts from
   for name in config.stages:
     if side_by_side is not None:
