@@ -8,11 +8,13 @@ Paradigms (config.paradigm, DESIGN.md §2.2):
   pointwise_regressive  Bradley-Terry on a scalar head
   caption               not a reward: pretraining of the VLM, LM loss on
                         each prompt given its matching (chosen) image
-plus task instructions (config.instruction) and CoT rationales (config.cot,
-LM loss weight config.w_cot). Writes to WORKDIR: config.json, Orbax
-checkpoints (resumed from the latest, data iterator included; SIGTERM saves
-and exits 0), losses.jsonl (every step's metrics), TensorBoard events, and
-final_metrics.json:
+plus task instructions (config.instruction), CoT rationales (config.cot,
+LM loss weight config.w_cot) and, for pairwise_generative, the pointwise
+generative loss of the same pairs added with weight config.pointwise_aux
+(a training aid; the model still answers the pairwise question). Writes
+to WORKDIR: config.json, Orbax checkpoints (resumed from the latest, data
+iterator included; SIGTERM saves and exits 0), losses.jsonl (every step's
+metrics), TensorBoard events, and final_metrics.json:
 
   acc_id, acc_ood                 preference accuracy (test_id / test_ood)
   acc_sym_id, acc_sym_ood         pairwise: symmetric-score accuracy
@@ -219,6 +221,27 @@ def augment(aug, rng: jax.Array, *images: jax.Array) -> tuple:
 # ---------------------------------------------------------------- train step
 
 
+AUX = "pointwise/"  # batch key prefix of the pointwise_aux sequences
+
+
+def _pointwise(config, params, seq: dict, f_ch, f_rej):
+  """(loss, aux, correct) of the pointwise generative loss on B pairs'
+  image features; seq: 2B rows, the chosen then the rejected."""
+  rm, b = config.rm, f_ch.shape[0]
+  pos = sequences.answer_positions(seq["read_pos"], config.answer_len)
+  logits, _ = model.logits_and_hidden(
+      rm, params, seq, jnp.concatenate([f_ch, f_rej], 0), pos)
+  half = lambda x: (x[:b], x[b:])  # noqa: E731
+  answers = (seq["answer_ids"], seq["answer_mask"], seq["decision_index"])
+  aw, al = zip(*(half(a) for a in answers))
+  loss, aux = losses.pointwise_generative_loss(
+      *half(logits), aw, al, rm.yes_id, rm.no_id, config.alpha,
+      config.w_cot)
+  s = model.margin(losses.decision_logits(logits, seq["decision_index"]),
+                   rm.yes_id, rm.no_id)
+  return loss, aux, s[:b] > s[b:]
+
+
 def loss_fn(config, params, seq: dict, chosen, rejected, caption=None):
   """(loss, aux) for one batch of B pairs; seq from
   evaluate.training_sequences (2B rows); paradigm caption: `caption` rows
@@ -233,9 +256,9 @@ def loss_fn(config, params, seq: dict, chosen, rejected, caption=None):
   b, t = ch.shape[:2]
   feats = model.embed_images(rm, params, jnp.concatenate([ch, rej], 1))
   f_ch, f_rej = feats[:, :t], feats[:, t:]
-  pos = sequences.answer_positions(seq["read_pos"], config.answer_len)
-  answers = (seq["answer_ids"], seq["answer_mask"], seq["decision_index"])
   if config.paradigm == "pairwise_generative":
+    pos = sequences.answer_positions(seq["read_pos"], config.answer_len)
+    answers = (seq["answer_ids"], seq["answer_mask"], seq["decision_index"])
     embeds = jnp.concatenate([jnp.concatenate([f_rej, f_ch], 1),
                               jnp.concatenate([f_ch, f_rej], 1)], 0)
     logits, _ = model.logits_and_hidden(rm, params, seq, embeds, pos)
@@ -244,17 +267,13 @@ def loss_fn(config, params, seq: dict, chosen, rejected, caption=None):
     p = model.readout(losses.decision_logits(logits, seq["decision_index"]),
                       rm.yes_id, rm.no_id)
     correct = jnp.concatenate([p[:b] > 0.5, p[b:] < 0.5])
+    if config.get("pointwise_aux", 0.0):
+      pw = {k[len(AUX):]: v for k, v in seq.items() if k.startswith(AUX)}
+      pw_loss, pw_aux, _ = _pointwise(config, params, pw, f_ch, f_rej)
+      loss = loss + config.pointwise_aux * pw_loss
+      aux = dict(aux, pointwise_loss=pw_loss, pointwise_bt=pw_aux["bt"])
   elif config.paradigm == "pointwise_generative":
-    logits, _ = model.logits_and_hidden(
-        rm, params, seq, jnp.concatenate([f_ch, f_rej], 0), pos)
-    half = lambda x: (x[:b], x[b:])  # noqa: E731
-    (lw, ll) = half(logits)
-    aw, al = zip(*(half(a) for a in answers))
-    loss, aux = losses.pointwise_generative_loss(
-        lw, ll, aw, al, rm.yes_id, rm.no_id, config.alpha, config.w_cot)
-    s = model.margin(losses.decision_logits(logits, seq["decision_index"]),
-                     rm.yes_id, rm.no_id)
-    correct = s[:b] > s[b:]
+    loss, aux, correct = _pointwise(config, params, seq, f_ch, f_rej)
   elif config.paradigm == "pointwise_regressive":
     _, hidden = model.logits_and_hidden(
         rm, params, seq, jnp.concatenate([f_ch, f_rej], 0),
@@ -310,6 +329,11 @@ def device_batch(config, tok, tpi: int, batch) -> dict:
     return {"caption": rm_eval.caption_rows(config, tok, tpi, batch),
             "chosen": batch["chosen"]}
   seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
+  if config.paradigm == "pairwise_generative" and config.get("pointwise_aux"):
+    pw = ml_collections.ConfigDict(config.to_dict())
+    pw.paradigm = "pointwise_generative"
+    seq.update({AUX + k: v for k, v in pair_major(
+        rm_eval.training_sequences(pw, tok, tpi, batch)).items()})
   seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
   return seq
 

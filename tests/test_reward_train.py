@@ -108,6 +108,34 @@ def test_paradigms_cot_and_video_step_and_score(shapes_tiny, arg):
   assert 0 <= out["acc"] <= 1 and out["n"] == 2
 
 
+def test_pointwise_aux_adds_the_pointwise_loss_of_the_same_pairs(
+    shapes_tiny):
+  """pointwise_aux = w: the pairwise loss + w x the pointwise generative
+  loss (its own questions and rationales) of the batch's pairs."""
+  batch = next(iter(pipeline.loader(shapes_tiny, "image", "train",
+                                    batch_size=4, scale="tiny")))
+
+  def loss(arg, **kw):
+    config = _config(shapes_tiny, "smoke,cot=decision_first," + arg, **kw)
+    tok = train_rm.load_tokenizer(config)  # sets rm.yes_id / no_id
+    tpi = internvl.tokens_per_image(config.rm.model)
+    params = train_rm.init_state(config, jax.random.key(0))[0]["params"]
+    data = train_rm.device_batch(config, tok, tpi, batch)
+    seq = {k: train_rm.row_major(v) for k, v in data.items()
+           if k not in train_rm.PER_PAIR}
+    return train_rm.loss_fn(config, params, seq, data["chosen"] / 255.0,
+                            data["rejected"] / 255.0)
+
+  pair, _ = loss("paradigm=pairwise_generative")
+  point, _ = loss("paradigm=pointwise_generative")
+  both, aux = loss("paradigm=pairwise_generative", pointwise_aux=0.5)
+  assert float(point) > 0.1
+  np.testing.assert_allclose(float(both), float(pair) + 0.5 * float(point),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(aux["pointwise_loss"]), float(point),
+                             rtol=1e-5)
+
+
 def test_augment_draws_per_row_not_per_image():
   """The chosen images alone (paradigm caption) get exactly the
   augmentation they get next to their rejected ones: one draw per row."""
