@@ -4,31 +4,22 @@ r"""RewardDance reward models on ShapesWorld (and the real InternVL2.5 ladder).
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
       --workdir=/tmp/rm_shapes
 
-Default: size=xs, pairwise generative, task instructions, no CoT, in one
-command of three stages (`pretrain`, train_rm "Pretraining"): 1800 steps
-of 64 captions (lr 3e-3), 1450 of the pointwise question, then 2100
-pairwise steps of 16 pairs (both orders; 1550 before stop 44), lr 1e-3,
-the question before the images. Target (issue 4): acc_id >= 0.90 and
-acc_ood >= 0.80 within 10 minutes on 2 CPU cores -- met by one seed, not
-by the recipe: since stop 44 0.861 / 0.796 (seed 0, 479 s alone),
-0.917 / 0.861, 0.8875 / 0.856 and 0.877 / 0.852 (seeds 1-3; mean 0.886 /
-0.841; docs/reward_models.md, "The malloc tunables' time spent on
-pairwise steps"); with 1550 pairwise steps at stop 43's step 0.835 /
-0.789, 0.9075 / 0.853 (seed 1, 476 s alone), 0.889 / 0.829 and 0.8525 /
-0.779; at stop 42's 0.847 / 0.803, 0.873 / 0.853, 0.890 / 0.821 and
-0.889 / 0.863 in 498-539 s (stop 41's chain x1.2, in the time the 2-D
-matmuls saved) with
+Default: size=xs, pairwise generative, task instructions, decision-first
+CoT rationales (w_cot 1), in one command of three stages (`pretrain`,
+train_rm "Pretraining"): CAPSTEPS steps of 64 captions (lr 3e-3), PWSTEPS of
+the pointwise question, then PAIRSTEPS pairwise steps of 16 pairs (both
+orders) with the pointwise loss of the same pairs added (pointwise_aux
+1.0), lr 1e-3, the question before the images. Target (issue 4): acc_id
+>= 0.90 and acc_ood >= 0.80 within 10 minutes on 2 CPU cores: RESULT
 
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
       --config.data_dir=/tmp/shapes_data --workdir=/tmp/rm_default
 
-against 0.708 / 0.707 in 251 s from random weights (stop 41;
-`pretrain=False`: 1600 pairwise steps, the paper's layout). From random weights
-the pairwise question sits on a chance plateau; the caption stage's dense
-loss and the pointwise question are what lift it. The longest chain run
-(separate commands, caption 4000 steps, pointwise 1600, pairwise 1600 with
-the quality failures thinned to 0.25) reached 0.871 / 0.832 in over 20
-minutes (docs/reward_models.md, "The question before the images").
+Every earlier default, its seeds and the variants tried are in
+docs/reward_models.md. From random weights (`pretrain=False`: 1600
+pairwise steps, the paper's layout, no CoT) the pairwise question sits on
+a chance plateau: 0.708 / 0.707 in 251 s (stop 41); the caption stage's
+dense loss, the pointwise question and the rationales are what lift it.
 
 Arguments (`--config=configs/rm_shapes.py:key=value,...`):
   size       xs | s | m | l | xl (ShapesWorld ladder: 0.19M, 0.73M, 2.8M,
@@ -38,7 +29,8 @@ Arguments (`--config=configs/rm_shapes.py:key=value,...`):
              | caption (VLM pretraining, not a reward: LM loss on the prompt
              given its matching image; 2000 steps of 32; start an RM from
              it with --config.init_from=ITS_WORKDIR)
-  cot        none | decision_first | reason_first (rationale LM loss, w_cot)
+  cot        none | decision_first | reason_first (rationale LM loss, w_cot;
+             default decision_first with `pretrain`, otherwise none)
   instruction  task-aware instructions in the question (default on)
   kind       image | video (8-frame clips, frames as images)
   pretrain   the pairwise RM's pretraining stages and recipe (default on;
@@ -85,8 +77,14 @@ def shapes_model(size: str, image_size: int = 64, patch_size: int = 8,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, size="xs", paradigm="pairwise_generative", cot="none",
+  arg = parse_arg(arg, size="xs", paradigm="pairwise_generative", cot="",
                   instruction=True, kind="image", smoke=False, pretrain=True)
+  size = "xs" if arg.smoke else arg.size
+  # The pairwise ShapesWorld RM's recipe: pretraining stages, CoT and the
+  # rest (below; `pretrain=False` turns it off).
+  recipe = (arg.pretrain and arg.paradigm == "pairwise_generative"
+            and size in LADDER and not arg.smoke)
+  cot = arg.cot or ("decision_first" if recipe else "none")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data_dir = "/tmp/rd_jax_shapes_data"
@@ -94,9 +92,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kind = arg.kind
   c.paradigm = arg.paradigm
   c.instruction = arg.instruction
-  c.cot = arg.cot
-  c.w_cot = 0.1         # LM loss weight on rationale tokens
+  c.cot = cot
+  c.w_cot = 1.0 if recipe else 0.1  # LM loss weight on rationale tokens
   c.alpha = 0.1         # pointwise generative: weight of the yes/no CE
+  # Pairwise generative: weight of the pointwise generative loss on the same
+  # pairs' images, added to the pairwise loss (0 = none; the recipe's
+  # pairwise stage keeps the pointwise stage's skill with it).
+  c.pointwise_aux = 1.0 if recipe else 0.0
   # Max question tokens; every row is padded to it, so more is compute
   # spent on padding. The longest ShapesWorld questions: images 63 (CoT;
   # 58 for the default pairs), videos 68 (CoT; 63 without).
@@ -111,11 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --config.failure_keep.blur=0.25 (rd_jax/data/pipeline.py, "Thinning").
   c.failure_keep = ml_collections.ConfigDict(
       {f: 1.0 for f in world.FAILURES})
-  c.answer_len = 1 if arg.cot == "none" else 32
+  c.answer_len = 1 if cot == "none" else 32
   c.caption_len = 16    # max prompt tokens of a caption row (paradigm caption)
   c.init_from = ""      # a train_rm workdir whose params start this run
 
-  size = "xs" if arg.smoke else arg.size
   if size in REAL_SIZES:
     from configs import internvl  # pylint: disable=import-outside-toplevel
     model = internvl.get_config(f"size={size},dtype=bfloat16")
@@ -136,13 +137,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the pointwise question, each from the one before; 0 skips a stage. On
   # for the pairwise ShapesWorld RM (`pretrain=False` turns it off), with
   # the rest of the recipe measured with it (docs/reward_models.md, "One
-  # command"): 2100 pairwise steps, a 2-D sin-cos start of the ViT
-  # positions and the question before the images.
-  recipe = (arg.pretrain and arg.paradigm == "pairwise_generative"
-            and size in LADDER and not arg.smoke)
+  # command" and "CoT rationales"): decision-first rationales (w_cot 1),
+  # the pointwise loss in the pairwise stage (pointwise_aux), a 2-D sin-cos
+  # start of the ViT positions and the question before the images.
   c.pretrain = ml_collections.ConfigDict(dict(
       caption_steps=1800 if recipe else 0,
-      pointwise_steps=1450 if recipe else 0,
+      pointwise_steps=1000 if recipe else 0,
       # `train` overrides of the caption stage: its short sequences run
       # 1.2x more images a second at batch 64 than at 32, and lr 3e-3
       # fits the captions faster (docs/reward_models.md, "One command")
@@ -167,7 +167,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # by ~500 steps, shapes keep improving to 2000.
     c.train.update(steps=2000, batch_size=32, warmup_steps=100)
   if recipe:  # the pretraining recipe's pairwise stage (above)
-    c.train.steps = 2100  # 1550 before stop 44's faster step
+    # 2100 before stop 46's rationales and pointwise loss made a step 1.9x
+    # slower (docs/reward_models.md, "CoT rationales")
+    c.train.steps = 1600
     c.rm.vision_pos_sincos = 4.0
     c.question_first = True
   # Pixel augmentation (same draw for both images of a pair): background
@@ -176,7 +178,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tint=0.15, brightness=0.08, zoom=1.2, zoom_prob=0.5))
   # Mesh (data, fsdp, tensor), -1 = fill; rules: rd_jax/sharding.py.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
-  c.eval_every = 20 if arg.smoke else 400
+  # periodic evaluation (~4 s each at xs): the recipe's only at step 1000
+  c.eval_every = 20 if arg.smoke else (1000 if recipe else 400)
   c.eval_pairs = 16 if arg.smoke else 192      # periodic eval (test_id)
   c.final_eval_pairs = -1           # -1: the whole split; 0: no final eval
   c.eval_batch = 8 if arg.smoke else 64
