@@ -169,7 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if recipe:  # the pretraining recipe's pairwise stage (above)
     # 2100 before stop 46's rationales and pointwise loss made a step 1.9x
     # slower (docs/reward_models.md, "CoT rationales")
-    c.train.steps = 1600
+    c.train.steps = 1500
     c.rm.vision_pos_sincos = 4.0
     c.question_first = True
   # Pixel augmentation (same draw for both images of a pair): background
