@@ -235,15 +235,26 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
   b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
   a = config.answer_len
-  # Token arrays in train_rm.pair_major layout: [pairs, 2, ...].
-  data = {"input_ids": i32(batch, 2, seq), "attention_mask": b(batch, 2, seq),
-          "read_pos": i32(batch, 2), "answer_ids": i32(batch, 2, a),
-          "answer_mask": b(batch, 2, a), "decision_index": i32(batch, 2),
-          "chosen": jax.ShapeDtypeStruct(img, jnp.uint8),
-          "rejected": jax.ShapeDtypeStruct(img, jnp.uint8)}
+
+  def tokens(seq: int) -> dict:  # train_rm.pair_major layout: [pairs, 2, ...]
+    return {"input_ids": i32(batch, 2, seq),
+            "attention_mask": b(batch, 2, seq), "read_pos": i32(batch, 2),
+            "answer_ids": i32(batch, 2, a), "answer_mask": b(batch, 2, a),
+            "decision_index": i32(batch, 2)}
+
+  data = dict(tokens(seq), chosen=jax.ShapeDtypeStruct(img, jnp.uint8),
+              rejected=jax.ShapeDtypeStruct(img, jnp.uint8))
   fn = functools.partial(train_rm.train_step, config, opt)
   images = 2 * batch * (frames or 1)  # every image is encoded once
   flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0)
+  if config.paradigm == "pairwise_generative" and config.get("pointwise_aux"):
+    # the pointwise rows of the same pairs (train_rm.device_batch): one
+    # more LLM pass, over the images already encoded
+    pw = config.copy_and_resolve_references()
+    pw.paradigm = "pointwise_generative"
+    pw_seq = rm_seq_len(pw)[1]
+    data.update({train_rm.AUX + k: v for k, v in tokens(pw_seq).items()})
+    flops += _internvl_flops(config.rm.model, 0, rows, pw_seq, 6.0)
   return Job(fn, state, (data, _abstract_key()), model_flops=flops,
              remat=config.rm.model.remat, init=init,
              describe=f"RM {config.size} {config.paradigm}: {batch} pairs "

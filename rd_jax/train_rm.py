@@ -269,6 +269,10 @@ def loss_fn(config, params, seq: dict, chosen, rejected, caption=None):
     correct = jnp.concatenate([p[:b] > 0.5, p[b:] < 0.5])
     if config.get("pointwise_aux", 0.0):
       pw = {k[len(AUX):]: v for k, v in seq.items() if k.startswith(AUX)}
+      if not pw:
+        raise ValueError("pointwise_aux > 0 needs the pairs' pointwise "
+                         f"sequences in the batch ({AUX}* keys, as "
+                         "train_rm.device_batch builds them)")
       pw_loss, pw_aux, _ = _pointwise(config, params, pw, f_ch, f_rej)
       loss = loss + config.pointwise_aux * pw_loss
       aux = dict(aux, pointwise_loss=pw_loss, pointwise_bt=pw_aux["bt"])

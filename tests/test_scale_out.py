@@ -136,7 +136,8 @@ def test_hlo_flops_counts_every_loop_iteration():
 def test_model_flops_match_the_compiled_step():
   """The MFU numerator (parameters x the tokens they see + attention) is
   the compiled step's dot FLOPs when nothing is recomputed: the Flux layout
-  (image / context streams see their own tokens) and the RM."""
+  (image / context streams see their own tokens) and the RM, with and
+  without pointwise_aux."""
   from configs import generator_shapes, rm_shapes
   g = generator_shapes.get_config("size=flux_dev")
   g.image.resolution = 128  # 8 x 8 latent patches + 512 text tokens
@@ -144,9 +145,12 @@ def test_model_flops_match_the_compiled_step():
                            num_attention_heads=2, attention_head_dim=32,
                            axes_dims_rope=(8, 12, 12), joint_attention_dim=64,
                            pooled_projection_dim=32)
+  aux = rm_shapes.get_config("smoke=True,cot=decision_first")
+  aux.pointwise_aux = 1.0  # the pairs' pointwise rows: one more LLM pass
   mesh = sharding.make_mesh()
   for job in (aot.make_job(g, "generator", 2, remat="none"),
-              aot.make_job(rm_shapes.get_config("smoke=True"), "rm", 4)):
+              aot.make_job(rm_shapes.get_config("smoke=True"), "rm", 4),
+              aot.make_job(aux, "rm", 4)):
     compiled = aot.compile_step(job, mesh)
     ratio = aot.hlo_flops(compiled.as_text()) / job.model_flops
     assert 0.97 < ratio < 1.03, (job.describe, ratio)
