@@ -247,12 +247,11 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   fn = functools.partial(train_rm.train_step, config, opt)
   images = 2 * batch * (frames or 1)  # every image is encoded once
   flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0)
-  if config.paradigm == "pairwise_generative" and config.get("pointwise_aux"):
+  twin = train_rm.pointwise_twin(config)
+  if twin is not None:
     # the pointwise rows of the same pairs (train_rm.device_batch): one
     # more LLM pass, over the images already encoded
-    pw = config.copy_and_resolve_references()
-    pw.paradigm = "pointwise_generative"
-    pw_seq = rm_seq_len(pw)[1]
+    pw_seq = rm_seq_len(twin)[1]
     data.update({train_rm.AUX + k: v for k, v in tokens(pw_seq).items()})
     flops += _internvl_flops(config.rm.model, 0, rows, pw_seq, 6.0)
   return Job(fn, state, (data, _abstract_key()), model_flops=flops,

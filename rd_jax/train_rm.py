@@ -224,6 +224,18 @@ def augment(aug, rng: jax.Array, *images: jax.Array) -> tuple:
 AUX = "pointwise/"  # batch key prefix of the pointwise_aux sequences
 
 
+def pointwise_twin(config):
+  """The pointwise config whose sequences pointwise_aux adds to a pairwise
+  batch (the same config, paradigm pointwise_generative), or None when
+  the run has no pointwise_aux."""
+  if config.paradigm != "pairwise_generative" or not config.get(
+      "pointwise_aux"):
+    return None
+  twin = config.copy_and_resolve_references()
+  twin.paradigm = "pointwise_generative"
+  return twin
+
+
 def _pointwise(config, params, seq: dict, f_ch, f_rej):
   """(loss, aux, correct) of the pointwise generative loss on B pairs'
   image features; seq: 2B rows, the chosen then the rejected."""
@@ -333,11 +345,10 @@ def device_batch(config, tok, tpi: int, batch) -> dict:
     return {"caption": rm_eval.caption_rows(config, tok, tpi, batch),
             "chosen": batch["chosen"]}
   seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
-  if config.paradigm == "pairwise_generative" and config.get("pointwise_aux"):
-    pw = ml_collections.ConfigDict(config.to_dict())
-    pw.paradigm = "pointwise_generative"
+  twin = pointwise_twin(config)
+  if twin is not None:
     seq.update({AUX + k: v for k, v in pair_major(
-        rm_eval.training_sequences(pw, tok, tpi, batch)).items()})
+        rm_eval.training_sequences(twin, tok, tpi, batch)).items()})
   seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
   return seq
 
