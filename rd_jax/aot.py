@@ -188,13 +188,15 @@ def _abstract_key():
 def rm_seq_len(config) -> tuple[int, int]:
   """(images per sequence, padded sequence length) of a real-size RM batch:
   per image <img> + tokens_per_image + </img>\\n, the chat frame, question
-  and answer (rd_jax.reward.sequences layout), rounded up to 128."""
+  and answer (rd_jax.reward.sequences layout), rounded up to 8: the
+  trainer's own rows are unrounded, so 128 (TPU lanes) would time a
+  tiny RM's 143-token rows at 256."""
   from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
   from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
   n_img = rm_eval.num_images(config)
   tpi = internvl.tokens_per_image(config.rm.model)
   raw = 4 + n_img * (tpi + 3) + config.question_len + 8 + config.answer_len
-  return n_img, -(-raw // 128) * 128
+  return n_img, -(-raw // 8) * 8
 
 
 def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
