@@ -295,10 +295,17 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh,
                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
-                 logical: Any = None) -> tuple[Any, Any]:
+                 logical: Any = None, abstract: bool = False
+                 ) -> tuple[Any, Any]:
   """(state, shardings): `init_fn()` run under jit with sharded outputs, so
-  no host ever holds the full state (every process calls this alike)."""
-  shardings = tree_shardings(jax.eval_shape(init_fn), mesh, rules, logical)
+  no host ever holds the full state (every process calls this alike).
+  abstract=True runs nothing: the state is jax.ShapeDtypeStructs with those
+  shardings (for a state a checkpoint or another run's params will fill)."""
+  shapes = jax.eval_shape(init_fn)
+  shardings = tree_shardings(shapes, mesh, rules, logical)
+  if abstract:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=s), shapes, shardings), shardings
   with jax.set_mesh(mesh):
     return jax.jit(init_fn, out_shardings=shardings)(), shardings
 

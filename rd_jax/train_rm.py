@@ -94,8 +94,10 @@ def _listed(diff) -> str:
 
 def from_pretrained(config, source: str, state: dict, opt, mesh, rules
                     ) -> dict:
-  """`state` with the params of `source` (a train_rm workdir, or its
-  checkpoints/STEP) on the mesh, a fresh optimiser state and step 0."""
+  """{params of `source` (a train_rm workdir, or its checkpoints/STEP), a
+  fresh optimiser state, step 0}, laid out as `state` (arrays or
+  jax.ShapeDtypeStructs): the step's inputs keep one type, so it compiles
+  once."""
   from rd_jax import eval_rm  # pylint: disable=g-import-not-at-top
   src, params, step, _ = eval_rm.load(source, config.data_dir, mesh=mesh,
                                       rules=rules)
@@ -107,8 +109,11 @@ def from_pretrained(config, source: str, state: dict, opt, mesh, rules
         "same rm.model, or leave init_from empty to start from random params")
   logging.info("initialised from %s step %d (%s)", source, step,
                src.paradigm)
-  return {"params": params, "opt": jax.jit(opt.init)(params),
-          "step": jnp.zeros_like(state["step"])}
+  fresh = lambda p: {"params": p, "opt": opt.init(p),  # noqa: E731
+                     "step": jnp.zeros((), jnp.int32)}
+  with jax.set_mesh(mesh):
+    return jax.jit(fresh, out_shardings=jax.tree.map(
+        lambda x: x.sharding, state), donate_argnums=0)(params)
 
 
 # (config.pretrain key, paradigm), in the order they run.
@@ -405,8 +410,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   rng = jax.random.key(config.seed)
   k_init, k_train = jax.random.split(rng)
   opt = make_optimizer(tc)
+  ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.ckpt_every)
+  resume = ckpt.latest_step() is not None
+  # random params only where neither a checkpoint nor init_from replaces them
   state, state_sh, mesh, rules = train_util.sharded_init(
-      config, lambda: init_state(config, k_init)[0])
+      config, lambda: init_state(config, k_init)[0],
+      abstract=resume or bool(source))
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
       state["params"])))
   logging.info("reward model %s (%s): %d params, %d tokens per image",
@@ -418,9 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                               scale=config.scale,
                               on_corrupt=config.on_corrupt,
                               keep=config.failure_keep.to_dict()))
-  ckpt = train_util.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 save_every=config.ckpt_every)
-  if source and ckpt.latest_step() is None:
+  if source and not resume:
     state = from_pretrained(config, source, state, opt, mesh, rules)
   step_fn = train_util.jit_step(functools.partial(train_step, config, opt),
                                 mesh, state_sh)

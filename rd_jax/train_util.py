@@ -554,15 +554,18 @@ def ema_update(ema: Any, params: Any, step: jax.Array,
 
 
 def sharded_init(config: ml_collections.ConfigDict, init_fn: Callable[[], Any],
-                 logical: Any = None) -> tuple[Any, Any, Any, Any]:
+                 logical: Any = None, abstract: bool = False
+                 ) -> tuple[Any, Any, Any, Any]:
   """(state, shardings, mesh, rules) of a trainer: `init_fn()` initialised
   directly sharded on the config's mesh (`config.mesh.shape`, default
   (-1, 1, 1): data parallel over every device) under its rules
-  (`config.sharding_rules`, default sharding.DEFAULT_RULES)."""
+  (`config.sharding_rules`, default sharding.DEFAULT_RULES); abstract=True:
+  only its shapes and shardings (sharding.init_sharded)."""
   from rd_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules_from_config(config)
-  state, shardings = sharding.init_sharded(init_fn, mesh, rules, logical)
+  state, shardings = sharding.init_sharded(init_fn, mesh, rules, logical,
+                                           abstract)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   return state, shardings, mesh, rules
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import rm_shapes
-from rd_jax import eval_rm, train_rm
+from rd_jax import eval_rm, train_rm, train_util
 from rd_jax.data import pipeline
 from rd_jax.models import internvl
 from rd_jax.reward import evaluate as rm_eval
@@ -134,6 +134,27 @@ def test_pointwise_aux_adds_the_pointwise_loss_of_the_same_pairs(
                              rtol=1e-5)
   np.testing.assert_allclose(float(aux["pointwise_loss"]), float(point),
                              rtol=1e-5)
+
+
+def test_init_from_gives_the_step_the_types_of_a_fresh_state(trained):
+  """from_pretrained's state (from a fresh or an abstract one) has the
+  types, shardings included, of a fresh random state, as the jitted step's
+  outputs do: otherwise the step compiles twice (stop 47: its opt counts
+  had no mesh, ~9 s of a stage's start at xs)."""
+  workdir, _, data_dir = trained
+  config = _config(data_dir)
+  train_rm.load_tokenizer(config)
+  opt = train_rm.make_optimizer(config.train)
+  init = lambda: train_rm.init_state(config, jax.random.key(0))[0]  # noqa: E731
+  fresh, _, mesh, rules = train_util.sharded_init(config, init)
+  abstract, *_ = train_util.sharded_init(config, init, abstract=True)
+  assert all(isinstance(x, jax.ShapeDtypeStruct)
+             for x in jax.tree.leaves(abstract))
+  want = jax.tree.map(jax.typeof, fresh)
+  for start in (fresh, abstract):
+    state = train_rm.from_pretrained(config, workdir, start, opt, mesh,
+                                     rules)
+    assert jax.tree.map(jax.typeof, state) == want
 
 
 def test_augment_draws_per_row_not_per_image():
