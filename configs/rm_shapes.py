@@ -105,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pairs' images, added to the pairwise loss (0 = none; the recipe's
   # pairwise stage keeps the pointwise stage's skill with it).
   c.pointwise_aux = 1.0 if recipe else 0.0
+  # ...of every k-th pair of the batch (1: all; 2 halves those rows, a
+  # pairwise step 17 % shorter at the default: docs/reward_models.md).
+  c.pointwise_aux_every = 1
   # Max question tokens; every row is padded to it, so more is compute
   # spent on padding. The longest ShapesWorld questions: images 63 (CoT;
   # 58 for the default pairs), videos 68 (CoT; 63 without).

@@ -238,11 +238,11 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
   a = config.answer_len
 
-  def tokens(seq: int) -> dict:  # train_rm.pair_major layout: [pairs, 2, ...]
-    return {"input_ids": i32(batch, 2, seq),
-            "attention_mask": b(batch, 2, seq), "read_pos": i32(batch, 2),
-            "answer_ids": i32(batch, 2, a), "answer_mask": b(batch, 2, a),
-            "decision_index": i32(batch, 2)}
+  def tokens(seq: int, pairs: int = batch) -> dict:  # pair_major layout
+    return {"input_ids": i32(pairs, 2, seq),
+            "attention_mask": b(pairs, 2, seq), "read_pos": i32(pairs, 2),
+            "answer_ids": i32(pairs, 2, a), "answer_mask": b(pairs, 2, a),
+            "decision_index": i32(pairs, 2)}
 
   data = dict(tokens(seq), chosen=jax.ShapeDtypeStruct(img, jnp.uint8),
               rejected=jax.ShapeDtypeStruct(img, jnp.uint8))
@@ -251,11 +251,12 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0)
   twin = train_rm.pointwise_twin(config)
   if twin is not None:
-    # the pointwise rows of the same pairs (train_rm.device_batch): one
+    # the pointwise rows of every k-th pair (train_rm.device_batch): one
     # more LLM pass, over the images already encoded
-    pw_seq = rm_seq_len(twin)[1]
-    data.update({train_rm.AUX + k: v for k, v in tokens(pw_seq).items()})
-    flops += _internvl_flops(config.rm.model, 0, rows, pw_seq, 6.0)
+    pw_seq, pairs = rm_seq_len(twin)[1], -(-batch // twin.get(
+        "pointwise_aux_every", 1))
+    data.update({train_rm.AUX + k: v for k, v in tokens(pw_seq, pairs).items()})
+    flops += _internvl_flops(config.rm.model, 0, 2 * pairs, pw_seq, 6.0)
   return Job(fn, state, (data, _abstract_key()), model_flops=flops,
              remat=config.rm.model.remat, init=init,
              describe=f"RM {config.size} {config.paradigm}: {batch} pairs "

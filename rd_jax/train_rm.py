@@ -290,7 +290,9 @@ def loss_fn(config, params, seq: dict, chosen, rejected, caption=None):
         raise ValueError("pointwise_aux > 0 needs the pairs' pointwise "
                          f"sequences in the batch ({AUX}* keys, as "
                          "train_rm.device_batch builds them)")
-      pw_loss, pw_aux, _ = _pointwise(config, params, pw, f_ch, f_rej)
+      k = config.get("pointwise_aux_every", 1)  # device_batch's pairs[::k]
+      pw_loss, pw_aux, _ = _pointwise(config, params, pw, f_ch[::k],
+                                      f_rej[::k])
       loss = loss + config.pointwise_aux * pw_loss
       aux = dict(aux, pointwise_loss=pw_loss, pointwise_bt=pw_aux["bt"])
   elif config.paradigm == "pointwise_generative":
@@ -351,9 +353,16 @@ def device_batch(config, tok, tpi: int, batch) -> dict:
             "chosen": batch["chosen"]}
   seq = pair_major(rm_eval.training_sequences(config, tok, tpi, batch))
   twin = pointwise_twin(config)
-  if twin is not None:
-    seq.update({AUX + k: v for k, v in pair_major(
-        rm_eval.training_sequences(twin, tok, tpi, batch)).items()})
+  if twin is not None:  # every k-th pair's pointwise rows
+    k, n = config.get("pointwise_aux_every", 1), len(batch["chosen"])
+    if k < 1 or n % k:
+      raise ValueError(
+          f"pointwise_aux_every={k} does not divide this process's {n} "
+          "pairs a batch; make it a divisor of train.batch_size / "
+          "processes")
+    part = {key: v[::k] for key, v in batch.items()}
+    seq.update({AUX + key: v for key, v in pair_major(
+        rm_eval.training_sequences(twin, tok, tpi, part)).items()})
   seq["chosen"], seq["rejected"] = batch["chosen"], batch["rejected"]
   return seq
 

@@ -115,12 +115,12 @@ def test_pointwise_aux_adds_the_pointwise_loss_of_the_same_pairs(
   batch = next(iter(pipeline.loader(shapes_tiny, "image", "train",
                                     batch_size=4, scale="tiny")))
 
-  def loss(arg, **kw):
+  def loss(arg, pairs=batch, **kw):
     config = _config(shapes_tiny, "smoke,cot=decision_first," + arg, **kw)
     tok = train_rm.load_tokenizer(config)  # sets rm.yes_id / no_id
     tpi = internvl.tokens_per_image(config.rm.model)
     params = train_rm.init_state(config, jax.random.key(0))[0]["params"]
-    data = train_rm.device_batch(config, tok, tpi, batch)
+    data = train_rm.device_batch(config, tok, tpi, pairs)
     seq = {k: train_rm.row_major(v) for k, v in data.items()
            if k not in train_rm.PER_PAIR}
     return train_rm.loss_fn(config, params, seq, data["chosen"] / 255.0,
@@ -134,6 +134,18 @@ def test_pointwise_aux_adds_the_pointwise_loss_of_the_same_pairs(
                              rtol=1e-5)
   np.testing.assert_allclose(float(aux["pointwise_loss"]), float(point),
                              rtol=1e-5)
+  # pointwise_aux_every=2: the pointwise loss of pairs 0 and 2 only
+  point02, _ = loss("paradigm=pointwise_generative",
+                    pairs={k: v[::2] for k, v in batch.items()})
+  _, aux = loss("paradigm=pairwise_generative", pointwise_aux=0.5,
+                pointwise_aux_every=2)
+  assert abs(float(point02) - float(point)) > 1e-3
+  np.testing.assert_allclose(float(aux["pointwise_loss"]), float(point02),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match=re.escape(
+      "pointwise_aux_every=3 does not divide this process's 4 pairs")):
+    loss("paradigm=pairwise_generative", pointwise_aux=0.5,
+         pointwise_aux_every=3)
 
 
 def test_init_from_gives_the_step_the_types_of_a_fresh_state(trained):

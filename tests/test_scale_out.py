@@ -137,7 +137,7 @@ def test_model_flops_match_the_compiled_step():
   """The MFU numerator (parameters x the tokens they see + attention) is
   the compiled step's dot FLOPs when nothing is recomputed: the Flux layout
   (image / context streams see their own tokens) and the RM, with and
-  without pointwise_aux."""
+  without pointwise_aux (on every other pair)."""
   from configs import generator_shapes, rm_shapes
   g = generator_shapes.get_config("size=flux_dev")
   g.image.resolution = 128  # 8 x 8 latent patches + 512 text tokens
@@ -146,7 +146,8 @@ def test_model_flops_match_the_compiled_step():
                            axes_dims_rope=(8, 12, 12), joint_attention_dim=64,
                            pooled_projection_dim=32)
   aux = rm_shapes.get_config("smoke=True,cot=decision_first")
-  aux.pointwise_aux = 1.0  # the pairs' pointwise rows: one more LLM pass
+  # the pointwise rows of every other pair: one more LLM pass, on half
+  aux.update(pointwise_aux=1.0, pointwise_aux_every=2)
   mesh = sharding.make_mesh()
   for job in (aot.make_job(g, "generator", 2, remat="none"),
               aot.make_job(rm_shapes.get_config("smoke=True"), "rm", 4),
