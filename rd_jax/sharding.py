@@ -287,7 +287,8 @@ def tree_shardings(state: Any, mesh: Mesh,
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying shardings (for `.lower(...)`)."""
+  """ShapeDtypeStructs carrying shardings (for `.lower(...)`, or a state
+  a checkpoint will fill)."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
       state, shardings)
@@ -304,8 +305,7 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh,
   shapes = jax.eval_shape(init_fn)
   shardings = tree_shardings(shapes, mesh, rules, logical)
   if abstract:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=s), shapes, shardings), shardings
+    return abstract_with_shardings(shapes, shardings), shardings
   with jax.set_mesh(mesh):
     return jax.jit(init_fn, out_shardings=shardings)(), shardings
 

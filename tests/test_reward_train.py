@@ -152,7 +152,7 @@ def test_init_from_gives_the_step_the_types_of_a_fresh_state(trained):
   """from_pretrained's state (from a fresh or an abstract one) has the
   types, shardings included, of a fresh random state, as the jitted step's
   outputs do: otherwise the step compiles twice (stop 47: its opt counts
-  had no mesh, ~9 s of a stage's start at xs)."""
+  had no mesh; a 3-step xs stage from init_from took 38 s, now 21 s)."""
   workdir, _, data_dir = trained
   config = _config(data_dir)
   train_rm.load_tokenizer(config)
