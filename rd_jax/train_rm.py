@@ -109,11 +109,10 @@ def from_pretrained(config, source: str, state: dict, opt, mesh, rules
         "same rm.model, or leave init_from empty to start from random params")
   logging.info("initialised from %s step %d (%s)", source, step,
                src.paradigm)
-  fresh = lambda p: {"params": p, "opt": opt.init(p),  # noqa: E731
-                     "step": jnp.zeros((), jnp.int32)}
   with jax.set_mesh(mesh):
-    return jax.jit(fresh, out_shardings=jax.tree.map(
-        lambda x: x.sharding, state), donate_argnums=0)(params)
+    return jax.jit(functools.partial(fresh_state, opt=opt),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, state),
+                   donate_argnums=0)(params)
 
 
 # (config.pretrain key, paradigm), in the order they run.
@@ -175,12 +174,16 @@ def pretrain(config, workdir: str) -> tuple[str, dict]:
   return source, out
 
 
+def fresh_state(params, opt: optax.GradientTransformation) -> dict:
+  """{params, opt, step}: a run's state at step 0 from `params`."""
+  return {"params": params, "opt": opt.init(params),
+          "step": jnp.zeros((), jnp.int32)}
+
+
 def init_state(config, rng: jax.Array) -> tuple[dict, optax.GradientTransformation]:
-  """{params, opt, step} and the optimiser."""
-  params = model.init(config.rm, rng)
+  """{params, opt, step} from random params, and the optimiser."""
   opt = make_optimizer(config.train)
-  return ({"params": params, "opt": opt.init(params),
-           "step": jnp.zeros((), jnp.int32)}, opt)
+  return fresh_state(model.init(config.rm, rng), opt), opt
 
 
 # ---------------------------------------------------------------- augmentation
