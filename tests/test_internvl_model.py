@@ -1,6 +1,6 @@
 """InternVL model behaviour beyond HF parity: padding, remat, mesh, image
-feature reuse, dynamic tiling, config errors and an 8-device sharded forward
-(tiny sizes only)."""
+feature reuse, dynamic tiling, config errors, an 8-device sharded forward
+(tiny sizes only) and attention's hand-written backward."""
 import os
 import subprocess
 import sys
@@ -13,9 +13,40 @@ import pytest
 import rm_runs
 from configs import internvl as configs
 from rd_jax import sharding
-from rd_jax.models import internvl
+from rd_jax.models import internvl, llm
 
 IMG = 3  # image_token_id of the tiny config
+
+
+def _attend_autodiff(q, k, v, mask):
+  """llm.attend as plain jnp, its gradient left to autodiff."""
+  g = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) * q.shape[-1] ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_backward_matches_autodiff(masked):
+  """llm.attend's custom VJP (grouped kv heads, padding + causal mask, a
+  query row with every key masked) against autodiff of the plain form."""
+  rng = np.random.default_rng(0)
+  q, k, v, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in
+                ((3, 7, 4, 8), (3, 7, 2, 8), (3, 7, 2, 8), (3, 7, 4, 8)))
+  mask = None
+  if masked:
+    lens = np.array([7, 4, 1])
+    m = np.tril(np.ones((7, 7), bool))[None] & (
+        np.arange(7)[None, None] < lens[:, None, None])
+    m[2, 3] = False  # a row that attends to nothing: uniform, as before
+    mask = jnp.asarray(m)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, mask)) * w)
+  got = jax.jit(jax.value_and_grad(loss(llm.attend), (0, 1, 2)))(q, k, v)
+  want = jax.value_and_grad(loss(_attend_autodiff), (0, 1, 2))(q, k, v)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +163,7 @@ _SHARDED_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from configs import internvl as configs
 from rd_jax import sharding
-from rd_jax.models import internvl
+from rd_jax.models import internvl, llm
 cfg = configs.get_config("size=tiny,vocab=64")
 params = jax.jit(lambda k: internvl.init(cfg, k))(
     jax.random.key(0, impl="unsafe_rbg"))

@@ -62,7 +62,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   Computed as batched 3-D dots, [B*K, G*T, H] x [B*K, S, H]: the same
   product as einsum("btkgh,bskh->bkgts"), whose 5-D dots and softmax
   XLA:CPU ran 1.5x slower forward and backward (the default RM's layer at
-  32 x 128 tokens: 23.5 -> 16 ms; docs/reward_models.md, "Step time").
+  32 x 128 tokens: 23.5 -> 16 ms), with the backward written out
+  (`_attention`; docs/reward_models.md, "Step time").
   """
   b, t, n, h = q.shape
   s, kv = k.shape[1], k.shape[2]
@@ -73,16 +74,51 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
 
   q = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(
       b * kv, g * t, h)
-  logits = jnp.einsum("zqh,zsh->zqs", q, heads_first(k),
-                      preferred_element_type=jnp.float32) * h ** -0.5
-  if mask is not None:
-    keep = jnp.tile(mask, (1, g, 1))[:, None]  # [B, 1, G*T, S]
-    logits = jnp.where(keep, logits.reshape(b, kv, g * t, s),
-                       jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("zqs,zsh->zqh", probs, heads_first(v))
+  keep = None
+  if mask is not None:  # [B, T, S] -> [B*K, G*T, S]
+    keep = jnp.broadcast_to(jnp.tile(mask, (1, g, 1))[:, None],
+                            (b, kv, g * t, s)).reshape(b * kv, g * t, s)
+  out = _attention(q, heads_first(k), heads_first(v), keep)
   return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(
       b, t, n, h)
+
+
+def _attention_fwd(q, k, v, keep):
+  """[Z, Q, H] x [Z, S, H] (x [Z, S, H]) -> ([Z, Q, H], residuals)."""
+  logits = jnp.einsum("zqh,zsh->zqs", q, k,
+                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  if keep is not None:
+    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+  e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+  probs = e / jnp.sum(e, -1, keepdims=True)
+  out = jnp.einsum("zqs,zsh->zqh", probs.astype(v.dtype), v)
+  return out, (q, k, v, keep, probs)
+
+
+def _attention_bwd(res, d_out):
+  """The softmax backward in one expression, dS = P * (dP - rowsum(dP * P)):
+  what autodiff of the forward gives, which XLA:CPU ran as separate
+  broadcasts, selects and reductions (the RM step: docs/reward_models.md,
+  "Step time", stop 48)."""
+  q, k, v, keep, probs = res
+  f32 = jnp.float32
+  d_v = jnp.einsum("zqs,zqh->zsh", probs.astype(v.dtype), d_out)
+  d_probs = jnp.einsum("zqh,zsh->zqs", d_out, v, preferred_element_type=f32)
+  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, -1, keepdims=True))
+  d_logits = d_logits * q.shape[-1] ** -0.5
+  if keep is not None:  # a row that attends to nothing has uniform probs
+    d_logits = jnp.where(keep, d_logits, 0.0)
+  d_q = jnp.einsum("zqs,zsh->zqh", d_logits, k, preferred_element_type=f32)
+  d_k = jnp.einsum("zqs,zqh->zsh", d_logits, q, preferred_element_type=f32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v, None
+
+
+@jax.custom_vjp
+def _attention(q, k, v, keep):
+  return _attention_fwd(q, k, v, keep)[0]
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict,
