@@ -74,48 +74,57 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
 
   q = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(
       b * kv, g * t, h)
-  keep = None
-  if mask is not None:  # [B, T, S] -> [B*K, G*T, S]
-    keep = jnp.broadcast_to(jnp.tile(mask, (1, g, 1))[:, None],
-                            (b, kv, g * t, s)).reshape(b * kv, g * t, s)
-  out = _attention(q, heads_first(k), heads_first(v), keep)
+  out = _attention(q, heads_first(k), heads_first(v), mask)
   return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(
       b, t, n, h)
 
 
-def _attention_fwd(q, k, v, keep):
+def _keep(mask, z: int, q_len: int):
+  """attend's mask [B, T, S] -> [B*K, G*T, S] for the [Z, Q, S] logits, built
+  where it is used (a saved [Z, Q, S] copy would cost a quarter of the
+  probabilities' memory)."""
+  b, t, s = mask.shape
+  kv, g = z // b, q_len // t
+  return jnp.broadcast_to(jnp.tile(mask, (1, g, 1))[:, None],
+                          (b, kv, q_len, s)).reshape(z, q_len, s)
+
+
+def _attention_fwd(q, k, v, mask):
   """[Z, Q, H] x [Z, S, H] (x [Z, S, H]) -> ([Z, Q, H], residuals)."""
   logits = jnp.einsum("zqh,zsh->zqs", q, k,
                       preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  if keep is not None:
-    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+  if mask is not None:
+    logits = jnp.where(_keep(mask, *q.shape[:2]), logits,
+                       jnp.finfo(jnp.float32).min)
   e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
   probs = e / jnp.sum(e, -1, keepdims=True)
   out = jnp.einsum("zqs,zsh->zqh", probs.astype(v.dtype), v)
-  return out, (q, k, v, keep, probs)
+  return out, (q, k, v, mask, probs)
 
 
 def _attention_bwd(res, d_out):
   """The softmax backward in one expression, dS = P * (dP - rowsum(dP * P)):
   what autodiff of the forward gives, which XLA:CPU ran as separate
   broadcasts, selects and reductions (the RM step: docs/reward_models.md,
-  "Step time", stop 48)."""
-  q, k, v, keep, probs = res
+  "Step time", stop 48). The dots take their operands' dtype (bf16 at the
+  real sizes) and accumulate in fp32."""
+  q, k, v, mask, probs = res
   f32 = jnp.float32
   d_v = jnp.einsum("zqs,zqh->zsh", probs.astype(v.dtype), d_out)
   d_probs = jnp.einsum("zqh,zsh->zqs", d_out, v, preferred_element_type=f32)
   d_logits = probs * (d_probs - jnp.sum(d_probs * probs, -1, keepdims=True))
   d_logits = d_logits * q.shape[-1] ** -0.5
-  if keep is not None:  # a row that attends to nothing has uniform probs
-    d_logits = jnp.where(keep, d_logits, 0.0)
+  if mask is not None:  # a row that attends to nothing has uniform probs
+    d_logits = jnp.where(_keep(mask, *q.shape[:2]), d_logits, 0.0)
+  d_logits = d_logits.astype(q.dtype)
   d_q = jnp.einsum("zqs,zsh->zqh", d_logits, k, preferred_element_type=f32)
   d_k = jnp.einsum("zqs,zqh->zsh", d_logits, q, preferred_element_type=f32)
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v, None
 
 
 @jax.custom_vjp
-def _attention(q, k, v, keep):
-  return _attention_fwd(q, k, v, keep)[0]
+def _attention(q, k, v, mask):
+  return _attention_fwd(q, k, v, mask)[0]
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
