@@ -15,10 +15,12 @@ orders) with the pointwise loss of the same pairs added (pointwise_aux
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
       --config.data_dir=/tmp/shapes_data --workdir=/tmp/rm_default
 
-gives 0.882 / 0.813 (seed 0) in 9:56 alone (stop 46; 11:16-11:24 on
-stop 47's slower day), 0.884 / 0.850 and 0.911 / 0.863 (seeds 1, 2; mean
-of the three 0.892 / 0.842, stop 44's default without CoT 0.889 / 0.838,
-seed 0 0.861 / 0.796 in 8:04); with pointwise 1450 and pairwise 2100
+gives 0.863 / 0.808 (seed 0; 15:02 on stop 48's slow day), 0.907 /
+0.8375 and 0.9175 / 0.889 (seeds 1, 2; mean of the three 0.896 / 0.845).
+Before stop 48's attention backward reordered the float sums: 0.882 /
+0.813 in 9:56 alone (stop 46), 0.884 / 0.850, 0.911 / 0.863 (mean 0.892
+/ 0.842; stop 44's default without CoT 0.889 / 0.838, seed 0 0.861 /
+0.796 in 8:04); with pointwise 1450 and pairwise 2100
 steps (`--config.pretrain.pointwise_steps=1450 --config.train.steps=2100
 --config.eval_every=400`) the same recipe reaches 0.900 / 0.846 in 12:05.
 
