@@ -163,7 +163,7 @@ _SHARDED_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from configs import internvl as configs
 from rd_jax import sharding
-from rd_jax.models import internvl, llm
+from rd_jax.models import internvl
 cfg = configs.get_config("size=tiny,vocab=64")
 params = jax.jit(lambda k: internvl.init(cfg, k))(
     jax.random.key(0, impl="unsafe_rbg"))
