@@ -96,8 +96,7 @@ def _attention_fwd(q, k, v, mask):
   if mask is not None:
     logits = jnp.where(_keep(mask, *q.shape[:2]), logits,
                        jnp.finfo(jnp.float32).min)
-  e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
-  probs = e / jnp.sum(e, -1, keepdims=True)
+  probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("zqs,zsh->zqh", probs.astype(v.dtype), v)
   return out, (q, k, v, mask, probs)
 
