@@ -195,25 +195,34 @@ def rm_seq_len(config) -> tuple[int, int]:
   from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
   n_img = rm_eval.num_images(config)
   tpi = internvl.tokens_per_image(config.rm.model)
-  raw = 4 + n_img * (tpi + 3) + config.question_len + 8 + config.answer_len
+  if config.paradigm == rm_eval.CAPTION:  # no question; the prompt answers
+    q, a = 0, config.caption_len
+  else:
+    q, a = config.question_len, config.answer_len
+  raw = 4 + n_img * (tpi + 3) + q + 8 + a
   return n_img, -(-raw // 8) * 8
 
 
 def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
-                    mult: float) -> float:
-  """mult·(N_vit·vision tokens + N_llm·LLM tokens + attention), in
-  multiply-adds (mult = 2 per forward, 6 per forward + backward)."""
+                    mult: float, read: int = 1) -> float:
+  """mult·(N_vit·ViT tokens + N_proj·image tokens + N_llm·LLM tokens +
+  N_head·read positions + attention), in multiply-adds (mult = 2 per
+  forward, 6 per forward + backward); `read`: the positions of a row whose
+  logits are computed (answer or caption slots)."""
   from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
   params = internvl.abstract_params(model_cfg)
-  n_vit = n_params(params["vision"]) + n_params(params["projector"])
-  # The embedding is a gather and the LM head runs at the few read
-  # positions only: neither is a matmul over every token.
+  # The projector sees the pixel-shuffled tokens, not the ViT's.
+  n_vit, n_proj = n_params(params["vision"]), n_params(params["projector"])
+  # The embedding is a gather, not a matmul; the LM head runs at the read
+  # positions only (the embedding's matrix when tied).
   lm = params["language_model"]
+  n_head = n_params(lm["lm_head"] if "lm_head" in lm else lm["embed"])
   n_llm = n_params(lm) - sum(n_params(lm[k]) for k in ("embed", "lm_head")
                               if k in lm)
   v, t = model_cfg.vision, model_cfg.text
   vit_tok = (v.image_size // v.patch_size) ** 2 + 1
-  dense = n_vit * n_images * vit_tok + n_llm * rows * seq
+  dense = (n_images * (n_vit * vit_tok + n_proj * internvl.tokens_per_image(
+      model_cfg)) + rows * (n_llm * seq + n_head * read))
   attn = (2 * v.num_layers * v.hidden_size * vit_tok**2 * n_images +
           2 * t.num_layers * t.num_heads * t.head_dim * seq**2 * rows)
   return mult * (dense + attn)
@@ -222,6 +231,7 @@ def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
 def rm_job(config, batch: int, remat: str = "") -> Job:
   """The reward-model update of rd_jax.train_rm at config's (real) size."""
   from rd_jax import train_rm  # pylint: disable=g-import-not-at-top
+  from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   _set_remat(config.rm.model, remat)
   if config.rm.yes_id < 0:  # filled from the tokenizer at train time
@@ -236,7 +246,9 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   img = (batch,) + ((frames,) if frames else ()) + (s, s, 3)
   i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
   b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
-  a = config.answer_len
+  caption = config.paradigm == rm_eval.CAPTION
+  # caption: one row per chosen image, the prompt its answer
+  a = config.caption_len if caption else config.answer_len
 
   def tokens(seq: int, pairs: int = batch) -> dict:  # pair_major layout
     return {"input_ids": i32(pairs, 2, seq),
@@ -244,11 +256,19 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
             "answer_ids": i32(pairs, 2, a), "answer_mask": b(pairs, 2, a),
             "decision_index": i32(pairs, 2)}
 
-  data = dict(tokens(seq), chosen=jax.ShapeDtypeStruct(img, jnp.uint8),
-              rejected=jax.ShapeDtypeStruct(img, jnp.uint8))
   fn = functools.partial(train_rm.train_step, config, opt)
-  images = 2 * batch * (frames or 1)  # every image is encoded once
-  flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0)
+  if caption:  # one row per chosen image (train_rm.device_batch)
+    rows, images = batch, batch * (frames or 1)
+    data = dict(caption={"input_ids": i32(batch, seq),
+                         "attention_mask": b(batch, seq),
+                         "read_pos": i32(batch), "answer_ids": i32(batch, a),
+                         "answer_mask": b(batch, a)},
+                chosen=jax.ShapeDtypeStruct(img, jnp.uint8))
+  else:
+    images = 2 * batch * (frames or 1)  # every image is encoded once
+    data = dict(tokens(seq), chosen=jax.ShapeDtypeStruct(img, jnp.uint8),
+                rejected=jax.ShapeDtypeStruct(img, jnp.uint8))
+  flops = _internvl_flops(config.rm.model, images, rows, seq, 6.0, a)
   twin = train_rm.pointwise_twin(config)
   if twin is not None:
     # the pointwise rows of every k-th pair (train_rm.device_batch): one
@@ -256,11 +276,13 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
     pw_seq, pairs = rm_seq_len(twin)[1], -(-batch // twin.get(
         "pointwise_aux_every", 1))
     data.update({train_rm.AUX + k: v for k, v in tokens(pw_seq, pairs).items()})
-    flops += _internvl_flops(config.rm.model, 0, 2 * pairs, pw_seq, 6.0)
+    flops += _internvl_flops(config.rm.model, 0, 2 * pairs, pw_seq, 6.0,
+                             twin.answer_len)
   return Job(fn, state, (data, _abstract_key()), model_flops=flops,
              remat=config.rm.model.remat, init=init,
-             describe=f"RM {config.size} {config.paradigm}: {batch} pairs "
-             f"({rows} sequences x {seq} tokens, {n_img} images each)")
+             describe=f"RM {config.size} {config.paradigm}: {batch} "
+             f"{'captions' if caption else 'pairs'} ({rows} sequences x "
+             f"{seq} tokens, {n_img} image(s) each)")
 
 
 def _text_cond_abstract(dit_cfg, batch: int, txt_len: int):

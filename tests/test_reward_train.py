@@ -250,3 +250,33 @@ def test_pretraining_stages_chain_into_the_reward_model(shapes_tiny,
       " stage run with other settings (theirs vs ours: eval_every: 4 vs 6; "
       "train.steps: 3 vs 5); delete that directory")):
     train_rm.train_and_evaluate(cfg, workdir)
+
+
+@pytest.mark.parametrize("arg", ["smoke", "smoke,paradigm=caption",
+                                 "smoke,cot=decision_first"])
+def test_bench_batch_has_the_trainers_layout(shapes_tiny, arg):
+  """aot.rm_job (what bench and the AOT compiles time) feeds train_step
+  the trainer's own batch: the same keys, dtypes and shapes, but for the
+  sequence: aot.rm_seq_len knows no tokenizer, so it bounds the chat
+  frame's tokens and rounds up to 8, never under the trainer's."""
+  from rd_jax import aot  # pylint: disable=import-outside-toplevel
+  config = _config(shapes_tiny, arg)
+  if config.cot != "none":
+    config.pointwise_aux = 1.0
+  tok = train_rm.load_tokenizer(config)
+  tpi = internvl.tokens_per_image(config.rm.model)
+  batch = next(iter(pipeline.loader(shapes_tiny, "image", "train",
+                                    batch_size=4, scale="tiny")))
+  real = train_rm.device_batch(config, tok, tpi, batch)
+  abstract = aot.make_job(config, "rm", 4).rest[0]
+  flat = dict(jax.tree_util.tree_flatten_with_path(real)[0])
+  want = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+  assert flat.keys() == want.keys()
+  for key, x in flat.items():
+    a = want[key]
+    assert np.dtype(x.dtype) == np.dtype(a.dtype), key
+    if key[-1].key.split("/")[-1] in ("input_ids", "attention_mask"):
+      assert x.shape[:-1] == a.shape[:-1], key
+      assert x.shape[-1] <= a.shape[-1] < x.shape[-1] + 16, key
+    else:
+      assert x.shape == a.shape, key

@@ -137,7 +137,7 @@ def test_model_flops_match_the_compiled_step():
   """The MFU numerator (parameters x the tokens they see + attention) is
   the compiled step's dot FLOPs when nothing is recomputed: the Flux layout
   (image / context streams see their own tokens) and the RM, with and
-  without pointwise_aux (on every other pair)."""
+  without pointwise_aux (on every other pair), and its caption stage."""
   from configs import generator_shapes, rm_shapes
   g = generator_shapes.get_config("size=flux_dev")
   g.image.resolution = 128  # 8 x 8 latent patches + 512 text tokens
@@ -151,7 +151,9 @@ def test_model_flops_match_the_compiled_step():
   mesh = sharding.make_mesh()
   for job in (aot.make_job(g, "generator", 2, remat="none"),
               aot.make_job(rm_shapes.get_config("smoke=True"), "rm", 4),
-              aot.make_job(aux, "rm", 4)):
+              aot.make_job(aux, "rm", 4),
+              aot.make_job(rm_shapes.get_config("smoke=True,paradigm=caption"),
+                           "rm", 4)):
     compiled = aot.compile_step(job, mesh)
     ratio = aot.hlo_flops(compiled.as_text()) / job.model_flops
     assert 0.97 < ratio < 1.03, (job.describe, ratio)
