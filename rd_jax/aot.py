@@ -247,8 +247,7 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
   b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
   caption = config.paradigm == rm_eval.CAPTION
-  # caption: one row per chosen image, the prompt its answer
-  a = config.caption_len if caption else config.answer_len
+  a = config.caption_len if caption else config.answer_len  # answer slots
 
   def tokens(seq: int, pairs: int = batch) -> dict:  # pair_major layout
     return {"input_ids": i32(pairs, 2, seq),
@@ -257,7 +256,7 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
             "decision_index": i32(pairs, 2)}
 
   fn = functools.partial(train_rm.train_step, config, opt)
-  if caption:  # one row per chosen image (train_rm.device_batch)
+  if caption:  # one row per chosen image, its prompt the answer
     rows, images = batch, batch * (frames or 1)
     data = dict(caption={"input_ids": i32(batch, seq),
                          "attention_mask": b(batch, seq),
