@@ -195,12 +195,17 @@ def rm_seq_len(config) -> tuple[int, int]:
   from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
   n_img = rm_eval.num_images(config)
   tpi = internvl.tokens_per_image(config.rm.model)
-  if config.paradigm == rm_eval.CAPTION:  # no question; the prompt answers
-    q, a = 0, config.caption_len
-  else:
-    q, a = config.question_len, config.answer_len
-  raw = 4 + n_img * (tpi + 3) + q + 8 + a
+  raw = 4 + n_img * (tpi + 3) + sum(_rm_text_slots(config)) + 8
   return n_img, -(-raw // 8) * 8
+
+
+def _rm_text_slots(config) -> tuple[int, int]:
+  """(question, answer) token slots of an RM row: a caption row has no
+  question, and the prompt is its answer."""
+  from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
+  if config.paradigm == rm_eval.CAPTION:
+    return 0, config.caption_len
+  return config.question_len, config.answer_len
 
 
 def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,
@@ -247,7 +252,7 @@ def rm_job(config, batch: int, remat: str = "") -> Job:
   i32 = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.int32)  # noqa: E731
   b = lambda *sh: jax.ShapeDtypeStruct(sh, jnp.bool_)  # noqa: E731
   caption = config.paradigm == rm_eval.CAPTION
-  a = config.caption_len if caption else config.answer_len  # answer slots
+  a = _rm_text_slots(config)[1]
 
   def tokens(seq: int, pairs: int = batch) -> dict:  # pair_major layout
     return {"input_ids": i32(pairs, 2, seq),
