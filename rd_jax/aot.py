@@ -201,11 +201,13 @@ def rm_seq_len(config) -> tuple[int, int]:
 
 def _rm_text_slots(config) -> tuple[int, int]:
   """(question, answer) token slots of an RM row: a caption row has no
-  question, and the prompt is its answer."""
+  question, and the prompt is its answer; the prompt restated after the
+  images (prompt_after_len) counts with the question."""
   from rd_jax.reward import evaluate as rm_eval  # pylint: disable=g-import-not-at-top
   if config.paradigm == rm_eval.CAPTION:
     return 0, config.caption_len
-  return config.question_len, config.answer_len
+  return (config.question_len + config.get("prompt_after_len", 0),
+          config.answer_len)
 
 
 def _internvl_flops(model_cfg, n_images: int, rows: int, seq: int,

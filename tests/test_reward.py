@@ -1,6 +1,7 @@
 """Reward model: sequences, readouts, losses, symmetric score, pixel
 gradients, vmap/video, and a real-size compile (tiny models, CPU)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,25 @@ def test_sequences_layout(shapes_tiny):
   assert f["read_pos"][0] == r and fi.shape == ids.shape
   np.testing.assert_array_equal(np.sort(fi), np.sort(ids))
   np.testing.assert_array_equal(fi[r:], ids[r:])
+  # The prompt restated after the images (config.prompt_after_len): its
+  # tokens right after the last image, the rest of the row shifted by them,
+  # the row longer by the slots.
+  prompt = "a red circle left of a blue square"
+  p_ids = tok.encode(prompt, add_special_tokens=False)
+  g = sequences.encode(tok, [q], [a], num_images=2, tokens_per_image=4,
+                       question_len=64, answer_len=32, cot="reason_first",
+                       question_first=True, after=[prompt], after_len=8)
+  gi, k = g["input_ids"][0], len(sequences.image_block(tok, 2, 4)) + len(q_ids)
+  assert gi.shape[0] == fi.shape[0] + 8 and g["read_pos"][0] == r + len(p_ids)
+  np.testing.assert_array_equal(gi[:k], fi[:k])
+  np.testing.assert_array_equal(gi[k:k + len(p_ids)], p_ids)
+  np.testing.assert_array_equal(gi[k + len(p_ids):][:len(fi) - k], fi[k:])
+  np.testing.assert_array_equal(g["answer_ids"], f["answer_ids"])
+  with pytest.raises(ValueError, match=re.escape(
+      f"text after the images of {len(p_ids)} tokens exceeds its 3 slots: "
+      f"{prompt!r}; raise config.prompt_after_len")):
+    sequences.encode(tok, [q], num_images=2, tokens_per_image=4,
+                     question_len=64, after=[prompt], after_len=3)
 
 
 def test_caption_rows_and_scores(shapes_tiny):

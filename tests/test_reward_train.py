@@ -67,7 +67,8 @@ def test_short_run_beats_chance_on_held_out_pairs(shapes_tiny):
     seen.append(float(m["loss"]))
   assert seen[-1] < 0.5 * seen[0]
   held = brighter_pairs(batch)
-  q = rm_eval.encode(config, tok, tpi, rm_eval.questions_of(config, held))
+  q = rm_eval.encode(config, tok, tpi, rm_eval.questions_of(config, held),
+                     prompts=held["prompt"])
   scores = jax.jit(functools.partial(rm_eval.score_pairs, config))(
       state["params"], q, held["chosen"], held["rejected"])
   m = rm_eval.metrics(config.paradigm, scores, held["failure"])
@@ -101,7 +102,8 @@ def test_paradigms_cot_and_video_step_and_score(shapes_tiny, arg):
   assert np.isfinite(float(m["loss"]))
   if config.cot != "none":
     assert float(m["cot_ce"]) > 0
-  q = rm_eval.encode(config, tok, tpi, rm_eval.questions_of(config, batch))
+  q = rm_eval.encode(config, tok, tpi, rm_eval.questions_of(config, batch),
+                     prompts=batch["prompt"])
   scores = jax.jit(functools.partial(rm_eval.score_pairs, config))(
       state["params"], q, batch["chosen"], batch["rejected"])
   out = rm_eval.metrics(config.paradigm, scores, batch["failure"])
@@ -261,8 +263,8 @@ def test_bench_batch_has_the_trainers_layout(shapes_tiny, arg):
   frame's tokens and rounds up to 8, never under the trainer's."""
   from rd_jax import aot  # pylint: disable=import-outside-toplevel
   config = _config(shapes_tiny, arg)
-  if config.cot != "none":
-    config.pointwise_aux = 1.0
+  if config.cot != "none":  # as the ShapesWorld recipe (its prompt slots x2)
+    config.pointwise_aux, config.prompt_after_len = 1.0, 16
   tok = train_rm.load_tokenizer(config)
   tpi = internvl.tokens_per_image(config.rm.model)
   batch = next(iter(pipeline.loader(shapes_tiny, "image", "train",

@@ -54,7 +54,7 @@ def encode_specs(config, tok, specs) -> dict:
   batch = {"prompt": [world.prompt(s).encode() for s in specs],
            "spec": [s.to_json().encode() for s in specs]}
   return encode(config, tok, internvl.tokens_per_image(config.rm.model),
-                questions_of(config, batch))
+                questions_of(config, batch), prompts=batch["prompt"])
 
 
 def num_images(config) -> int:
@@ -62,9 +62,13 @@ def num_images(config) -> int:
   return 2 * per if config.paradigm == "pairwise_generative" else per
 
 
-def encode(config, tok, tokens_per_image: int, questions, answers=None):
-  """Token arrays (rd_jax.reward.sequences) for this config's paradigm."""
+def encode(config, tok, tokens_per_image: int, questions, answers=None, *,
+           prompts):
+  """Token arrays (rd_jax.reward.sequences) for this config's paradigm;
+  `prompts` (bytes, one per question) are restated after the images in
+  config.prompt_after_len slots (0: not)."""
   pairwise = config.paradigm == "pairwise_generative"
+  after = config.get("prompt_after_len", 0)
   return sequences.encode(
       tok, questions, answers, num_images=num_images(config),
       tokens_per_image=tokens_per_image, question_len=config.question_len,
@@ -73,7 +77,9 @@ def encode(config, tok, tokens_per_image: int, questions, answers=None):
       groups=2 if pairwise else 1,
       noun="video" if config.rm.get("frames") else "image",
       overflow=config.get("prompt_overflow", "error"),
-      question_first=config.get("question_first", False))
+      question_first=config.get("question_first", False),
+      after=[p.decode() for p in prompts] if after else None,
+      after_len=after)
 
 
 # ---------------------------------------------------------------- scoring
@@ -242,7 +248,7 @@ def evaluate(config, params, tok, score_fn, tokens_per_image: int, *,
       n = min(n, max_pairs - seen)
     q = (caption_rows(config, tok, tokens_per_image, batch) if caption
          else encode(config, tok, tokens_per_image,
-                     questions_of(config, batch)))
+                     questions_of(config, batch), prompts=batch["prompt"]))
     pad = np.r_[np.arange(n), np.zeros(batch_size - n, int)]
     out = score_fn(params, {k: v[pad] for k, v in q.items()},
                    batch["chosen"][pad], batch["rejected"][pad])
@@ -279,5 +285,7 @@ def training_sequences(config, tok, tokens_per_image: int, batch) -> dict:
                 for f in fails] +
                [text.pointwise_answer(False, f, config.cot, video)
                 for f in fails])
-  return encode(config, tok, tokens_per_image, qs + qs, answers)
+  prompts = list(batch["prompt"])
+  return encode(config, tok, tokens_per_image, qs + qs, answers,
+                prompts=prompts + prompts)
 

@@ -60,10 +60,11 @@ def image_block(tok, num_images: int, tokens_per_image: int,
 
 
 def seq_len(tok, num_images: int, tokens_per_image: int, question_len: int,
-            answer_len: int, groups: int = 1) -> int:
-  """Fixed sequence length for questions of <= question_len tokens."""
+            answer_len: int, groups: int = 1, after_len: int = 0) -> int:
+  """Fixed sequence length for questions of <= question_len tokens (and
+  text after the images of <= after_len)."""
   return (len(image_block(tok, num_images, tokens_per_image, groups))
-          + question_len
+          + question_len + after_len
           + len(_ids(tok, ASSISTANT)) + answer_len)
 
 
@@ -73,7 +74,8 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
            yes_no: tuple[int, int] | None = None, groups: int = 1,
            noun: str = "image", overflow: str = "error",
            decision: bool = True, answer_key: str = "answer_len",
-           question_first: bool = False) -> dict[str, np.ndarray]:
+           question_first: bool = False, after: list[str] | None = None,
+           after_len: int = 0) -> dict[str, np.ndarray]:
   """Questions (and, for training, answers) -> fixed-length arrays above.
 
   Without answers the result is what the reward functions take (compute it
@@ -87,7 +89,11 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
   question_first=True puts the question before the images
   (`<|im_start|>user\n{question}<img>...</img>\n...`), so that in the
   causal LM the image tokens attend to the prompt; same length and
-  read position.
+  read position. `after` (one text per row, <= after_len tokens; the
+  config's `prompt_after_len` > 0 passes the prompts) goes right after the
+  last image: its tokens attend to the images, so a word of the prompt
+  can be matched with what the image shows (a colour with its shape) even
+  when the question came first.
   """
   if overflow not in ("error", "truncate"):
     raise ValueError(f"prompt overflow must be 'error' or 'truncate', got "
@@ -97,8 +103,17 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
   user = _ids(tok, USER)
   images = head[len(user):]
   length = seq_len(tok, num_images, tokens_per_image, question_len,
-                   answer_len, groups)
+                   answer_len, groups, after_len)
   b = len(questions)
+  if after is not None and len(after) != b:
+    raise ValueError(f"{b} questions but {len(after)} texts after the images")
+  after_ids = [[] for _ in questions] if after is None else (
+      tok(list(after), add_special_tokens=False)["input_ids"])
+  for words, ids in zip(after or (), after_ids):
+    if len(ids) > after_len:
+      raise ValueError(f"text after the images of {len(ids)} tokens exceeds "
+                       f"its {after_len} slots: {words[:80]!r}; raise "
+                       f"config.prompt_after_len")
   out = {"input_ids": np.full((b, length), tok.pad_token_id, np.int32),
          "attention_mask": np.zeros((b, length), bool),
          "read_pos": np.zeros((b,), np.int32)}
@@ -121,8 +136,9 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
                          f"config.prompt_overflow='truncate'")
       logging.warning("%s; kept its last %d tokens", msg, question_len)
       q = q[-question_len:]
-    prompt = (user + q + images + tail if question_first
-              else head + q + tail)
+    between = images + after_ids[i]
+    prompt = (user + q + between + tail if question_first
+              else user + between + q + tail)
     n = len(prompt)
     out["input_ids"][i, :n] = prompt
     out["read_pos"][i] = n - 1
