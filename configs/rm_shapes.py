@@ -119,6 +119,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # paper's layout, images first, is the default.
   c.question_first = False
   c.prompt_overflow = "error"  # longer question: "error" or "truncate" (warns)
+  # Token slots for the prompt restated right after the images (0: not):
+  # its words attend to the images, which the question before them cannot
+  # (question_first). Longest ShapesWorld prompts: images 7, videos 13.
+  # 8 in the recipe lifts its pointwise stage's swapped attributes on three
+  # seeds, not the pairwise RM's (docs/reward_models.md, stop 50): off.
+  c.prompt_after_len = 0
   c.on_corrupt = "fail"  # a corrupt data record: "fail" or "skip" (counted)
   # Share of the training records kept per failure of the rejected sample
   # (world.FAILURES; 1.0 = all): thin the near misses learnt early, e.g.
