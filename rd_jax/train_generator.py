@@ -269,7 +269,8 @@ def train_stage(config, name: str, tok, workdir: str, writer,
                 init_params=None) -> tuple[dict, object]:
   """Trains and evaluates one stage -> (metrics, final EMA params).
   `init_params` (another stage's EMA params, same model and mesh) replace
-  the random init; a resumed run restores its own checkpoint instead."""
+  the random init; a resumed run restores its own checkpoint instead, with
+  no init."""
   st = config[name]
   stage_dir = os.path.join(workdir, name)
   vocab = len(tok)
@@ -287,9 +288,15 @@ def train_stage(config, name: str, tok, workdir: str, writer,
             "ema": jax.tree.map(jnp.copy, params),
             "step": jnp.zeros((), jnp.int32)}
 
+  ckpt = train_util.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                 save_every=config.ckpt_every)
+  # A resumed stage restores its checkpoint into the state's shapes: no
+  # random init to throw away.
+  resume = ckpt.latest_step() is not None
   state, state_sh, mesh, rules = train_util.sharded_init(
-      config, init, {"params": generator.logical_specs(st.model)})
-  if init_params is not None:
+      config, init, {"params": generator.logical_specs(st.model)},
+      abstract=resume)
+  if init_params is not None and not resume:
     # Copies placed as this stage's state (the step donates its buffers).
     put = lambda: jax.device_put(jax.tree.map(jnp.copy, init_params),  # noqa: E731
                                  state_sh["params"])
@@ -298,8 +305,6 @@ def train_stage(config, name: str, tok, workdir: str, writer,
   logging.info("%s generator: %s params", name, counts)
 
   data = train_iterator(config, st, _kind(st))
-  ckpt = train_util.Checkpointer(os.path.join(stage_dir, "checkpoints"),
-                                 save_every=config.ckpt_every)
   step_fn = train_util.jit_step(functools.partial(train_step, st, opt),
                                 mesh, state_sh)
   keys = ("chosen", "prompt_ids", "prompt_mask")
