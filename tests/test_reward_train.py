@@ -67,8 +67,7 @@ def test_short_run_beats_chance_on_held_out_pairs(shapes_tiny):
     seen.append(float(m["loss"]))
   assert seen[-1] < 0.5 * seen[0]
   held = brighter_pairs(batch)
-  q = rm_eval.encode(config, tok, tpi, rm_eval.questions_of(config, held),
-                     prompts=held["prompt"])
+  q = rm_eval.encode_batch(config, tok, tpi, held)
   scores = jax.jit(functools.partial(rm_eval.score_pairs, config))(
       state["params"], q, held["chosen"], held["rejected"])
   m = rm_eval.metrics(config.paradigm, scores, held["failure"])
@@ -102,8 +101,7 @@ def test_paradigms_cot_and_video_step_and_score(shapes_tiny, arg):
   assert np.isfinite(float(m["loss"]))
   if config.cot != "none":
     assert float(m["cot_ce"]) > 0
-  q = rm_eval.encode(config, tok, tpi, rm_eval.questions_of(config, batch),
-                     prompts=batch["prompt"])
+  q = rm_eval.encode_batch(config, tok, tpi, batch)
   scores = jax.jit(functools.partial(rm_eval.score_pairs, config))(
       state["params"], q, batch["chosen"], batch["rejected"])
   out = rm_eval.metrics(config.paradigm, scores, batch["failure"])
@@ -263,7 +261,8 @@ def test_bench_batch_has_the_trainers_layout(shapes_tiny, arg):
   frame's tokens and rounds up to 8, never under the trainer's."""
   from rd_jax import aot  # pylint: disable=import-outside-toplevel
   config = _config(shapes_tiny, arg)
-  if config.cot != "none":  # as the ShapesWorld recipe (its prompt slots x2)
+  if config.cot != "none":  # the recipe's pointwise loss, and the prompt
+    # after the images in slots enough that aot would fall short without them
     config.pointwise_aux, config.prompt_after_len = 1.0, 16
   tok = train_rm.load_tokenizer(config)
   tpi = internvl.tokens_per_image(config.rm.model)

@@ -53,8 +53,8 @@ def encode_specs(config, tok, specs) -> dict:
   from rd_jax.models import internvl  # pylint: disable=g-import-not-at-top
   batch = {"prompt": [world.prompt(s).encode() for s in specs],
            "spec": [s.to_json().encode() for s in specs]}
-  return encode(config, tok, internvl.tokens_per_image(config.rm.model),
-                questions_of(config, batch), prompts=batch["prompt"])
+  return encode_batch(config, tok, internvl.tokens_per_image(config.rm.model),
+                      batch)
 
 
 def num_images(config) -> int:
@@ -80,6 +80,12 @@ def encode(config, tok, tokens_per_image: int, questions, answers=None, *,
       question_first=config.get("question_first", False),
       after=[p.decode() for p in prompts] if after else None,
       after_len=after)
+
+
+def encode_batch(config, tok, tokens_per_image: int, batch) -> dict:
+  """The question arrays (no answers) of a data batch's pairs."""
+  return encode(config, tok, tokens_per_image, questions_of(config, batch),
+                prompts=batch["prompt"])
 
 
 # ---------------------------------------------------------------- scoring
@@ -247,8 +253,7 @@ def evaluate(config, params, tok, score_fn, tokens_per_image: int, *,
     if max_pairs >= 0:
       n = min(n, max_pairs - seen)
     q = (caption_rows(config, tok, tokens_per_image, batch) if caption
-         else encode(config, tok, tokens_per_image,
-                     questions_of(config, batch), prompts=batch["prompt"]))
+         else encode_batch(config, tok, tokens_per_image, batch))
     pad = np.r_[np.arange(n), np.zeros(batch_size - n, int)]
     out = score_fn(params, {k: v[pad] for k, v in q.items()},
                    batch["chosen"][pad], batch["rejected"][pad])
