@@ -109,11 +109,6 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
     raise ValueError(f"{b} questions but {len(after)} texts after the images")
   after_ids = [[] for _ in questions] if after is None else (
       tok(list(after), add_special_tokens=False)["input_ids"])
-  for words, ids in zip(after or (), after_ids):
-    if len(ids) > after_len:
-      raise ValueError(f"text after the images of {len(ids)} tokens exceeds "
-                       f"its {after_len} slots: {words[:80]!r}; raise "
-                       f"config.prompt_after_len")
   out = {"input_ids": np.full((b, length), tok.pad_token_id, np.int32),
          "attention_mask": np.zeros((b, length), bool),
          "read_pos": np.zeros((b,), np.int32)}
@@ -136,6 +131,10 @@ def encode(tok, questions: list[str], answers: list[str] | None = None, *,
                          f"config.prompt_overflow='truncate'")
       logging.warning("%s; kept its last %d tokens", msg, question_len)
       q = q[-question_len:]
+    if len(after_ids[i]) > after_len:
+      raise ValueError(f"text after the images of {len(after_ids[i])} tokens "
+                       f"exceeds its {after_len} slots: {after[i][:80]!r}; "
+                       f"raise config.prompt_after_len")
     between = images + after_ids[i]
     prompt = (user + q + between + tail if question_first
               else user + between + q + tail)
