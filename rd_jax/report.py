@@ -7,10 +7,19 @@ video alignment) and links the pictures the stages saved (reward and
 oracle curves, oracle vs NFE, sample grids before / after ReFL, video
 strips). Pictures are linked by paths relative to WORKDIR, so the report
 renders wherever the workdir is copied.
+
+`python -m rd_jax.report DIR [DIR ...]` prints a Markdown table of train_rm
+runs (`rm_runs`: a row a workdir, from its final_metrics.json and
+config.json, then their mean and standard deviation, and how many reach the
+issue's target), for seed sweeps and ablations.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
+
+import numpy as np
 
 from rd_jax import train_util
 from rd_jax.data import world
@@ -180,3 +189,51 @@ def write(final: dict, config, workdir: str) -> str:
     f.write("\n".join(parts))
   os.replace(path + ".tmp", path)
   return path
+
+
+RM_COLUMNS = ("acc_id", "acc_ood", "acc_sym_id", "acc_sym_ood",
+              "position_consistency", "wall_s")
+
+
+def rm_runs(workdirs: list[str], min_acc_id: float = 0.90,
+            min_acc_ood: float = 0.80) -> str:
+  """A Markdown table of train_rm workdirs: seed, RM_COLUMNS and the
+  test_id accuracy per failure, then mean and std (ddof 1) over the runs,
+  and the count with acc_id >= min_acc_id and acc_ood >= min_acc_ood."""
+  runs = []
+  for d in workdirs:
+    path = os.path.join(d, "final_metrics.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"no final_metrics.json in {d!r}: not a finished train_rm workdir "
+          "(a run writes it after its final evaluation)")
+    with open(path) as f:
+      m = json.load(f)
+    seed = train_util.load_config(d, "name train_rm workdirs").get("seed")
+    runs.append((d, seed, m))
+  failures = [f for f in world.FAILURES
+              if any(f in m.get("acc_by_failure", {}) for *_, m in runs)]
+  rows = [[f"`{d}`", seed] + [m.get(k) for k in RM_COLUMNS] +
+          [m.get("acc_by_failure", {}).get(f) for f in failures]
+          for d, seed, m in runs]
+
+  stats = []
+  if len(runs) > 1:  # over the runs, in the columns every run has
+    cols = [np.array(c, float) if all(isinstance(x, (int, float)) for x in c)
+            else None for c in list(zip(*rows))[2:]]
+    stats = [["mean", None] + [c if c is None else c.mean() for c in cols],
+             ["std", None] + [c if c is None else c.std(ddof=1)
+                              for c in cols]]
+  met = sum(1 for *_, m in runs
+            if (m.get("acc_id") or 0) >= min_acc_id
+            and (m.get("acc_ood") or 0) >= min_acc_ood)
+  return "\n".join([
+      table(["run", "seed", *RM_COLUMNS, *failures], rows + stats), "",
+      f"{met} of {len(runs)} runs reach acc_id >= {min_acc_id:g} and "
+      f"acc_ood >= {min_acc_ood:g}."])
+
+
+if __name__ == "__main__":
+  if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+    sys.exit("usage: python -m rd_jax.report TRAIN_RM_WORKDIR [...]")
+  print(rm_runs(sys.argv[1:]))

@@ -1,5 +1,6 @@
 """Config argument parsing, the mesh / logical-axis rules, the metrics writer,
-the optimiser builder (AdamW / Muon), the entry points' malloc restart."""
+the optimiser builder (AdamW / Muon), the entry points' malloc restart,
+the table of train_rm runs (report.rm_runs)."""
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rd_jax import cli, config_util, sharding
+from rd_jax import cli, config_util, report, sharding, train_util
 
 
 def test_parse_arg_types_and_bare_flags():
@@ -308,3 +309,32 @@ def test_run_in_processes_passes_sigterm_to_its_jobs():
   timer.join()
   assert time.time() - t0 < 30
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_rm_runs_table_has_each_run_their_mean_std_and_the_target_count(
+    tmp_path):
+  figures = [(0, 0.86, 0.84, 0.79), (1, 0.90, 0.87, 0.94), (2, 0.92, 0.79,
+                                                             0.96)]
+  dirs = []
+  for seed, acc_id, acc_ood, shape in figures:
+    d = str(tmp_path / f"s{seed}")
+    train_util.write_json(os.path.join(d, "config.json"), {"seed": seed})
+    train_util.write_json(os.path.join(d, "final_metrics.json"), {
+        "acc_id": acc_id, "acc_ood": acc_ood,
+        "acc_by_failure": {"wrong_shape": shape}})
+    dirs.append(d)
+  lines = report.rm_runs(dirs).splitlines()
+
+  def row(i):
+    return [c.strip() for c in lines[i].strip("|").split("|")]
+  assert row(0)[:4] == ["run", "seed", "acc_id", "acc_ood"]
+  assert row(0)[-1] == "wrong_shape"  # only the failures the runs have
+  assert row(2)[:4] == [f"`{dirs[0]}`", "0", "0.860", "0.840"]
+  assert row(5)[:4] == ["mean", "–", "0.893", "0.833"]
+  assert row(5)[-1] == "0.897" and row(5)[4] == "–"  # acc_sym_id: none
+  assert row(6)[2] == f"{np.std([0.86, 0.90, 0.92], ddof=1):.3f}"
+  # Seed 1 alone reaches 0.90 / 0.80: seed 2 misses out of domain.
+  assert lines[-1] == "1 of 3 runs reach acc_id >= 0.9 and acc_ood >= 0.8."
+  with pytest.raises(FileNotFoundError, match="no final_metrics.json in "
+                     ".*not a finished train_rm workdir"):
+    report.rm_runs([str(tmp_path)])
