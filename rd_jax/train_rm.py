@@ -439,7 +439,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                   tc.batch_size), seed=config.seed,
                               scale=config.scale,
                               on_corrupt=config.on_corrupt,
-                              keep=config.failure_keep.to_dict()))
+                              keep=config.failure_keep.to_dict(),
+                              # the stages of one command read the same
+                              # records: decoded once
+                              cache=True))
   if source and not resume:
     state = from_pretrained(config, source, state, opt, mesh, rules)
   step_fn = train_util.jit_step(functools.partial(train_step, config, opt),

@@ -226,6 +226,38 @@ def test_pipeline_is_deterministic_and_resumes(shapes_tiny):
     np.testing.assert_array_equal(x["chosen"], y["chosen"])
 
 
+def test_pipeline_cache_gives_the_same_batches_without_rereading(
+    shapes_tiny, monkeypatch):
+  """cache=True: the batches of cache=False, and the records a loader of
+  this process read before come from memory (the next epoch, another
+  loader of the split), not from the files."""
+  def batches(n, cache, seed=3):
+    it = iter(pipeline.loader(shapes_tiny, "image", "train", batch_size=8,
+                              seed=seed, scale="tiny", cache=cache))
+    return [next(it) for _ in range(n)]
+  monkeypatch.setattr(pipeline, "_CACHE", {})
+  plain, cached = batches(30, False), batches(30, True)  # 2 epochs of 120
+  for x, y in zip(plain, cached):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  reads = []
+  source = pipeline.data_source
+  def counted(*args):
+    src = source(*args)
+    class Counted:
+      def __len__(self):
+        return len(src)
+      def __getitem__(self, i):
+        reads.append(i)
+        return src[i]
+    return Counted()
+  monkeypatch.setattr(pipeline, "data_source", counted)
+  batches(15, True, seed=4)  # another order of the records read above
+  assert not reads
+  batches(1, False)
+  assert len(reads) == 8
+
+
 def test_pipeline_thins_records_by_failure(shapes_tiny):
   def ids_by_failure(seed, keep):
     out = collections.defaultdict(set)
