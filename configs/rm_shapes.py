@@ -183,6 +183,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # AdamW on the default pairwise run (docs/reward_models.md,
       # "Muon for the reward model").
       optimizer="adamw",
+      # Gradient accumulation: each step's loss and gradient are the means
+      # over this many contiguous slices of the batch, one at a time
+      # (train_util.value_and_grad): less activation memory for the same
+      # batch (rd_jax.aot's tip on a chip's memory).
+      microbatches=1,
       max_nonfinite=20))  # skipped (non-finite) updates in a row -> stop
   if arg.paradigm == "caption" and not arg.smoke:
     # Dense supervision (every prompt word) leaves the plateau at once:

@@ -340,10 +340,25 @@ def train_step(config, opt, state: dict, batch: dict, rng: jax.Array):
                                batch["rejected"])
   else:  # caption: the chosen images only
     (chosen,), rejected = augment(config.augment, rng, batch["chosen"]), None
-  seq = {k: row_major(v) for k, v in batch.items() if k not in PER_PAIR}
-  (loss, aux), grads = jax.value_and_grad(
-      functools.partial(loss_fn, config), has_aux=True)(
-          state["params"], seq, chosen, rejected, batch.get("caption"))
+  k = config.train.get("microbatches", 1)
+  every = config.get("pointwise_aux_every", 1)
+  if k > 1 and pointwise_twin(config) is not None and (
+      chosen.shape[0] // k) % every:
+    raise ValueError(
+        f"train.microbatches={k} gives slices of {chosen.shape[0] // k} "
+        f"pairs, not a multiple of pointwise_aux_every={every}: a slice's "
+        "pointwise rows would not be its own pairs'")
+
+  def loss_of(params, b):
+    seq = {key: row_major(v) for key, v in b["seq"].items()}
+    return loss_fn(config, params, seq, b["chosen"], b["rejected"],
+                   b["caption"])
+
+  (loss, aux), grads = train_util.value_and_grad(
+      loss_of, state["params"],
+      dict(seq={key: v for key, v in batch.items() if key not in PER_PAIR},
+           chosen=chosen, rejected=rejected, caption=batch.get("caption")),
+      k)
   new, skipped = train_util.apply_gradients(state, grads, opt, loss=loss)
   return new, dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    skipped=skipped)

@@ -513,6 +513,33 @@ def make_optimizer(lr: Any, *, grad_clip: float, b2: float,
   return optax.chain(optax.clip_by_global_norm(grad_clip), inner)
 
 
+def value_and_grad(fn: Callable, params: Any, batch: Any,
+                   microbatches: int = 1) -> tuple[tuple[Any, Any], Any]:
+  """((loss, aux), grads) of fn(params, batch) -> (loss, aux), over
+  `microbatches` contiguous equal slices of every batch leaf's leading axis
+  in a lax.scan: the means of the slices' losses, aux and gradients. For a
+  loss that is a mean over rows this is the whole batch's gradient up to
+  float order, with a slice's activations in memory instead of the batch's
+  (docs/reward_models.md, "Microbatches"). None leaves pass through."""
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, batch)
+
+  def split(x):
+    if x.shape[0] % microbatches:
+      raise ValueError(
+          f"train.microbatches={microbatches} does not divide a batch leaf "
+          f"of shape {x.shape}; use a divisor of the batch size")
+    return x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
+
+  slices = jax.tree.map(split, batch)
+  one = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], slices))
+  total, _ = jax.lax.scan(
+      lambda acc, b: (jax.tree.map(jnp.add, acc, grad_fn(params, b)), None),
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), one), slices)
+  return jax.tree.map(lambda x: x / microbatches, total)
+
+
 def apply_gradients(state: dict, grads: Any, opt: Any,
                     ema_decay: float | None = None,
                     loss: jax.Array | None = None) -> tuple[dict, jax.Array]:

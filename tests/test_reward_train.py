@@ -148,6 +148,48 @@ def test_pointwise_aux_adds_the_pointwise_loss_of_the_same_pairs(
          pointwise_aux_every=3)
 
 
+def test_microbatches_average_the_slices_losses_and_gradients(shapes_tiny):
+  """train.microbatches=k: the step's loss and gradient are the means over
+  k contiguous slices of the batch, each slice with its own pairs'
+  pointwise_aux rows; for a mean over pairs (the regressive Bradley-Terry
+  loss) that is the whole batch's gradient."""
+  batch = next(iter(pipeline.loader(shapes_tiny, "image", "train",
+                                    batch_size=4, scale="tiny")))
+
+  def step(arg, k, pairs=batch, **kw):
+    config = _config(shapes_tiny, arg, **kw)
+    config.train.microbatches = k
+    config.augment.update(tint=0.0, brightness=0.0, zoom_prob=0.0)
+    tok = train_rm.load_tokenizer(config)
+    tpi = internvl.tokens_per_image(config.rm.model)
+    state, opt = train_rm.init_state(config, jax.random.key(0))
+    data = train_rm.device_batch(config, tok, tpi, pairs)
+    _, m = jax.jit(functools.partial(train_rm.train_step, config, opt))(
+        state, data, jax.random.key(1))
+    return {k: float(v) for k, v in m.items()}
+
+  whole = step("smoke,paradigm=pointwise_regressive", 1)
+  sliced = step("smoke,paradigm=pointwise_regressive", 2)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(sliced[key], whole[key], rtol=1e-5)
+  aux = dict(pointwise_aux=1.0, pointwise_aux_every=2)
+  arg = "smoke,cot=decision_first"
+  two = step(arg, 2, **aux)
+  halves = [step(arg, 1, pairs={k: v[i:i + 2] for k, v in batch.items()},
+                 **aux) for i in (0, 2)]
+  assert abs(halves[0]["loss"] - halves[1]["loss"]) > 1e-3
+  for key in ("loss", "pointwise_loss", "cot_ce"):
+    np.testing.assert_allclose(two[key], np.mean([h[key] for h in halves]),
+                               rtol=1e-5)
+  with pytest.raises(ValueError, match=re.escape(
+      "train.microbatches=4 gives slices of 1 pairs, not a multiple of "
+      "pointwise_aux_every=2")):
+    step(arg, 4, **aux)
+  with pytest.raises(ValueError, match=re.escape(
+      "train.microbatches=3 does not divide a batch leaf of shape (4,")):
+    step("smoke,paradigm=pointwise_regressive", 3)
+
+
 def test_init_from_gives_the_step_the_types_of_a_fresh_state(trained):
   """from_pretrained's state (from a fresh or an abstract one) has the
   types, shardings included, of a fresh random state, as the jitted step's
