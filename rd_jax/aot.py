@@ -629,7 +629,9 @@ def _advice(report: dict, mesh_shape) -> str:
   if report["batch"] > 1 and (not known or
                               report["temp_gib"] > report["argument_gib"]):
     tips.append(f"--batch={report['batch'] // 2} (half the activations; "
-                "accumulate gradients for the same global batch)")
+                "a reward model keeps its batch with "
+                "--config.train.microbatches=2: gradients accumulated over "
+                "its two halves)")
   bigger = _bigger(report["topology"])
   tips.append(f"--topology={bigger} (parameters + optimiser state shrink "
               "linearly with the fsdp axis)" if bigger else
