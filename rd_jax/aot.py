@@ -628,10 +628,12 @@ def _advice(report: dict, mesh_shape) -> str:
   known = "temp_gib" in report  # XLA gave up before a memory analysis
   if report["batch"] > 1 and (not known or
                               report["temp_gib"] > report["argument_gib"]):
-    tips.append(f"--batch={report['batch'] // 2} (half the activations; "
-                "a reward model keeps its batch with "
-                "--config.train.microbatches=2: gradients accumulated over "
-                "its two halves)")
+    keep = ("; a reward model with several pairs a chip keeps its batch "
+            "with --config.train.microbatches=2, gradients accumulated over "
+            "its halves" if report["batch"] >= 2 * data * fsdp
+            else "")  # one pair a chip: the accumulator only adds memory
+    tips.append(f"--batch={report['batch'] // 2} (half the "
+                f"activations{keep})")
   bigger = _bigger(report["topology"])
   tips.append(f"--topology={bigger} (parameters + optimiser state shrink "
               "linearly with the fsdp axis)" if bigger else

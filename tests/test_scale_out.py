@@ -111,6 +111,22 @@ def test_topology_names_map_to_chip_counts():
     aot.parse_topology("v5p-7")
 
 
+def test_memory_advice_offers_microbatches_only_with_pairs_to_split():
+  """aot's tip for a step that does not fit: train.microbatches where a
+  chip holds several pairs; with one a chip its gradient-sized
+  accumulator only adds memory (the 26B RM on v5p-8: 102.8 -> 126.7 GiB
+  of temporaries), so the tip is the smaller batch alone."""
+  report = dict(remat="full", topology="v5p-8", temp_gib=100.0,
+                argument_gib=10.0)
+  many = aot._advice(dict(report, batch=64), (1, 4, 1))
+  assert ("--batch=32 (half the activations; a reward model with several "
+          "pairs a chip keeps its batch with --config.train.microbatches=2"
+          in many), many
+  one = aot._advice(dict(report, batch=4), (1, 4, 1))
+  assert "--batch=2 (half the activations)" in one
+  assert "microbatches" not in one
+
+
 def test_hlo_flops_counts_every_loop_iteration():
   def f(ws, x):
     x, _ = jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, ws)
