@@ -185,8 +185,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       optimizer="adamw",
       # Gradient accumulation: each step's loss and gradient are the means
       # over this many contiguous slices of the batch, one at a time
-      # (train_util.value_and_grad): less activation memory for the same
-      # batch (rd_jax.aot's tip on a chip's memory).
+      # (train_util.value_and_grad): a slice's activations in memory plus
+      # a gradient-sized accumulator, for the same batch (README,
+      # "Scale-out"; not a faster step on this CPU).
       microbatches=1,
       max_nonfinite=20))  # skipped (non-finite) updates in a row -> stop
   if arg.paradigm == "caption" and not arg.smoke:

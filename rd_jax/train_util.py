@@ -522,6 +522,8 @@ def value_and_grad(fn: Callable, params: Any, batch: Any,
   float order, with a slice's activations in memory instead of the batch's
   (docs/reward_models.md, "Microbatches"). None leaves pass through."""
   grad_fn = jax.value_and_grad(fn, has_aux=True)
+  if microbatches < 1:
+    raise ValueError(f"train.microbatches={microbatches}: use 1 or more")
   if microbatches == 1:
     return grad_fn(params, batch)
 

@@ -166,7 +166,7 @@ def test_microbatches_average_the_slices_losses_and_gradients(shapes_tiny):
     data = train_rm.device_batch(config, tok, tpi, pairs)
     _, m = jax.jit(functools.partial(train_rm.train_step, config, opt))(
         state, data, jax.random.key(1))
-    return {k: float(v) for k, v in m.items()}
+    return {key: float(v) for key, v in m.items()}
 
   whole = step("smoke,paradigm=pointwise_regressive", 1)
   sliced = step("smoke,paradigm=pointwise_regressive", 2)
@@ -188,6 +188,9 @@ def test_microbatches_average_the_slices_losses_and_gradients(shapes_tiny):
   with pytest.raises(ValueError, match=re.escape(
       "train.microbatches=3 does not divide a batch leaf of shape (4,")):
     step("smoke,paradigm=pointwise_regressive", 3)
+  with pytest.raises(ValueError, match=re.escape(
+      "train.microbatches=0: use 1 or more")):
+    step("smoke,paradigm=pointwise_regressive", 0)
 
 
 def test_init_from_gives_the_step_the_types_of_a_fresh_state(trained):
