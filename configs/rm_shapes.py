@@ -11,7 +11,9 @@ the pointwise question, then 1500 pairwise steps of 16 pairs (both
 orders) with the pointwise loss of the same pairs added (pointwise_aux
 1.0), lr 1e-3, the question before the images. Target (issue 4): acc_id
 >= 0.90 and acc_ood >= 0.80 within 10 minutes on 2 CPU cores: met by
-seeds 1-4 of seeds 0-7 (stop 51), not by the default seed 0.
+seeds 1-4 of seeds 0-7 (stop 51), not by the default seed 0: called
+blocked at stop 54 on a decision about the target (README, "Reward
+models", Results).
 
   python -m rd_jax.train_rm --config=configs/rm_shapes.py \
       --config.data_dir=/tmp/shapes_data --workdir=/tmp/rm_default
