@@ -154,6 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rm = ml_collections.ConfigDict(dict(
       model=model, readout="two_token", yes_id=-1, no_id=-1,
       init_scale=1.0 if size in REAL_SIZES else 4.0,
+      vision_init_scale=0.0,  # the ViT's init_scale (0: init_scale)
       vision_pos_sincos=0.0,  # >0: 2-D sin-cos start of the ViT positions
       frames=8 if arg.kind == "video" else None))
   # Pretraining stages before this paradigm, in one command (train_rm,
@@ -202,6 +203,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # slower (docs/reward_models.md, "CoT rationales")
     c.train.steps = 1500
     c.rm.vision_pos_sincos = 4.0
+    # The ViT at twice the LLM's init: the caption stage's LM reads the
+    # images sooner (docs/reward_models.md, stop 54)
+    c.rm.vision_init_scale = 8.0
     c.question_first = True
   # Pixel augmentation (same draw for both images of a pair): background
   # tint / brightness on low-saturation pixels, and random zoom-in.

@@ -408,3 +408,24 @@ def test_init_scale_scales_matrices_only():
   np.testing.assert_allclose(
       lm["layers"]["attn"]["q"][...],
       4.0 * base["vlm"]["language_model"]["layers"]["attn"]["q"][...])
+
+
+def test_vision_init_scale_is_the_vits_own():
+  """rm.vision_init_scale scales the ViT's matrices in place of init_scale;
+  the projector, the LLM and every norm keep init_scale's start."""
+  rm = tiny_rm()
+  rm.init_scale = 4.0
+  base = model.init(rm, jax.random.key(0))
+  rm.vision_init_scale = 8.0
+  scaled = model.init(rm, jax.random.key(0))
+  flat = dict(jax.tree_util.tree_flatten_with_path(base)[0])
+  towers = set()
+  for path, x in jax.tree_util.tree_flatten_with_path(scaled)[0]:
+    name = jax.tree_util.keystr(path)
+    vision = name.startswith("['vlm']['vision']")
+    ratio = 2.0 if vision and model._is_matrix(path, x) else 1.0  # pylint: disable=protected-access
+    np.testing.assert_allclose(x, ratio * flat[path], err_msg=name)
+    towers.add((name.split("]")[1], ratio))
+  assert towers >= {("['vision'", 2.0), ("['vision'", 1.0),
+                    ("['projector'", 1.0), ("['language_model'", 1.0)}
+  assert ("['language_model'", 2.0) not in towers

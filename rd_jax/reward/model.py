@@ -51,6 +51,10 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   layer-stacked params under `layers` carry a leading layer axis, so a norm
   scale or ViT layer-scale there is [layers, D] and is left alone (scaling
   it too made init_scale=4 blow up the residual stream).
+  rm.vision_init_scale (default 0: the same as init_scale) is the ViT's
+  own: at the ShapesWorld widths the recipe's ViT starts at twice the
+  LLM's scale, which reads the images sooner in the caption stage
+  (docs/reward_models.md, stop 54).
 
   rm.vision_pos_sincos (default 0: keep the random init) > 0 starts the
   ViT's patch position embeddings at that amplitude times a 2-D sin-cos
@@ -64,9 +68,15 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   d = rm.model.text.hidden_size
   vlm = internvl.init(rm.model, rng)
   scale = rm.get("init_scale", 1.0)
-  if scale != 1.0:
-    vlm = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * scale if _is_matrix(path, x) else x, vlm)
+  vision_scale = rm.get("vision_init_scale", 0.0) or scale
+
+  def rescale(path, x):
+    if not _is_matrix(path, x):
+      return x
+    return x * (vision_scale if path[0].key == "vision" else scale)
+
+  if scale != 1.0 or vision_scale != 1.0:
+    vlm = jax.tree_util.tree_map_with_path(rescale, vlm)
   amplitude = rm.get("vision_pos_sincos", 0.0)
   if amplitude:
     pos = vlm["vision"]["pos"]
