@@ -73,7 +73,8 @@ def init(rm: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   def rescale(path, x):
     if not _is_matrix(path, x):
       return x
-    return x * (vision_scale if path[0].key == "vision" else scale)
+    vision = getattr(path[0], "key", None) == "vision"
+    return x * (vision_scale if vision else scale)
 
   if scale != 1.0 or vision_scale != 1.0:
     vlm = jax.tree_util.tree_map_with_path(rescale, vlm)
